@@ -1,0 +1,102 @@
+"""The `supportforge` command: a thin layer of argument parsing over the typed stage functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from segment.phantom import write_phantom
+from segment.protocol import PROTOCOLS, empty_predictor, evaluate, make_folds, oracle_predictor
+from segment.slices import prepare
+from segment.volumes import DataError, resolve_spec
+
+DEFAULT_CACHE = Path(".cache/supportforge")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", type=Path, help="folder with image_N / label_N .nii.gz volumes")
+    p.add_argument("--spec", default=None, help="built-in spec name or spec .toml (default: DATA/dataset.toml)")
+    p.add_argument("--resolution", type=int, default=128, help="working resolution of the slices (default 128)")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"cache folder (default {DEFAULT_CACHE})")
+
+
+def cmd_phantom(args: argparse.Namespace) -> None:
+    paths = write_phantom(args.out, n_volumes=args.volumes, size=args.size, depth=args.depth, seed=args.seed)
+    print(f"wrote {len(paths)} files to {args.out}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    spec = resolve_spec(args.data, args.spec)
+    start = time.perf_counter()
+    data = prepare(spec, args.data, resolution=args.resolution, cache_dir=args.cache)
+    summary = data.summary() | {"seconds": round(time.perf_counter() - start, 2)}
+    summary["folds"] = [{"fold": f.index, "support": f.support, "queries": list(f.queries), "train": list(f.train)}
+                        for f in make_folds(data.ids, spec.n_folds)]
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"{spec.name}: {summary['volumes']} volumes, {summary['slices']} slices at {data.resolution} px "
+          f"({summary['seconds']} s; cache {data.path})")
+    for name, n in summary["slices_per_class"].items():
+        print(f"  {name:<16} {n:>5} slices")
+    for f in summary["folds"]:
+        print(f"  fold {f['fold']}: support {f['support']}, queries {', '.join(f['queries'])}; "
+              f"{len(f['train'])} training volumes")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    spec = resolve_spec(args.data, args.spec)
+    data = prepare(spec, args.data, resolution=args.resolution, cache_dir=args.cache)
+    predictor = oracle_predictor(data) if args.predictor == "oracle" else empty_predictor
+    folds = make_folds(data.ids, spec.n_folds)
+    results = {p: evaluate(predictor, data, folds, classes=spec.classes, protocol=p) for p in args.protocol}
+    for protocol, res in results.items():
+        cells = "  ".join(f"{c} {100 * d:.1f}" for c, d in res["per_class"].items())
+        print(f"{protocol} {args.predictor}: mean Dice {100 * res['mean']:.1f}  ({cells})")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="supportforge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write the built-in abdominal phantom as NIfTI volumes")
+    p.add_argument("out", type=Path)
+    p.add_argument("--volumes", type=int, default=8)
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--depth", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("prepare", help="prepare and cache slices, print volumes, slices per class and folds")
+    _add_data_args(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("evaluate", help="score a reference predictor (oracle or empty) under EP1/EP2")
+    _add_data_args(p)
+    p.add_argument("--predictor", choices=("oracle", "empty"), default="oracle")
+    p.add_argument("--protocol", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DataError as err:
+        print(f"supportforge: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The few-shot evaluation protocol of the field, every rule in this one module.
+
+Folds (Roy et al. 2020; Ouyang et al. 2020). Volumes are sorted by id, numerically. With N volumes and
+F folds the stride is s = N // F, and fold k tests the s + 1 positions k*s .. k*s + s, wrapping around:
+on Abd-MRI (N = 20, F = 5) fold 0 is positions 0..4 and fold 4 is 16..19 and 0. The last test volume
+of a fold is its labelled support volume (SSL-ALPNet's `support_idx = -1`); the other test volumes are
+the queries. Every volume outside the fold is a training volume.
+
+Settings. Setting 1: the test class is never used as a label in training (its voxels are relabelled
+background with `mask_out_classes`), but its slices stay in the training images. Setting 2: every
+training slice that contains ANY class of the test class's group is removed (OR rule; groups come from
+the dataset spec, e.g. upper abdomen {liver, spleen}, lower abdomen {left, right kidney}). Several public
+descendants drop a slice only when it holds ALL excluded classes, which inflates Setting 2 scores; this
+module implements the OR rule on purpose.
+
+EP1 (Roy et al. 2020; Ouyang et al. 2020). In the support volume, the slices that hold the class span
+[z0, z1], length L = z1 - z0 + 1. It is cut into n = 3 equal chunks and chunk i's support slice is
+z0 + floor(L * (2i + 1) / (2n)), i.e. relative positions 1/6, 1/2, 5/6. Each query volume's class span
+(taken from the query label) is cut the same way: slice z of span length Lq belongs to chunk
+floor((z - q0) * n / Lq), and every slice of chunk i is segmented with support slice i. "1-shot" thus
+means one labelled volume, three annotated slices.
+
+EP2 (Hansen et al. 2022). The middle support slice (relative position 1/2, as above with n = 1)
+segments EVERY slice of each query volume; no query label picks slices.
+
+Dice. Per query volume in 3D: 2 TP / (2 TP + FP + FN) summed over all slices the protocol segments
+(for EP1 the class span; outside it both prediction and truth are empty), at the working resolution.
+Means: over query volumes within a fold, then over folds, per class; the overall mean is over classes.
+A query volume in which the class is absent is skipped and listed under "skipped". EP1 and EP2 results
+are never merged: each `evaluate` call scores one protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from segment.slices import PreparedData
+from segment.volumes import DataError, DatasetSpec
+
+PROTOCOLS = ("EP1", "EP2")
+SETTINGS = (1, 2)
+
+# (support images (S, 1, H, W), support masks (S, 1, H, W) in {0, 1}, query images (Q, 1, H, W))
+#   -> query masks (Q, 1, H, W), probabilities or {0, 1}; thresholded at 0.5.
+Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# called as on_prediction(fold index, class name, query id, slice indices (n,), masks (n, H, W) bool)
+PredictionHook = Callable[[int, str, str, np.ndarray, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class Fold:
+    index: int
+    support: str
+    queries: tuple[str, ...]
+    train: tuple[str, ...]
+
+
+def make_folds(volume_ids: list[str] | tuple[str, ...], n_folds: int) -> list[Fold]:
+    """The F folds over volumes already sorted by id (see the module docstring)."""
+    n = len(volume_ids)
+    if n_folds < 1 or n < max(2, n_folds):
+        raise DataError(f"{n} volume(s) cannot form {n_folds} folds: need at least max(2, folds) volumes")
+    stride = n // n_folds
+    folds = []
+    for k in range(n_folds):
+        test = [volume_ids[(k * stride + j) % n] for j in range(min(stride + 1, n))]
+        train = tuple(v for v in volume_ids if v not in test)
+        folds.append(Fold(k, support=test[-1], queries=tuple(test[:-1]), train=train))
+    return folds
+
+
+def excluded_class_ids(spec: DatasetSpec, test_class: str, setting: int) -> tuple[int, ...]:
+    """Class ids whose labels training may not use: the test class (Setting 1) or its group (Setting 2)."""
+    if setting not in SETTINGS:
+        raise DataError(f"setting must be one of {SETTINGS}, got {setting!r}")
+    names = (test_class,) if setting == 1 else spec.group_of(test_class)
+    return tuple(spec.class_id(name) for name in names)
+
+
+def training_slice_mask(labels: np.ndarray, excluded: tuple[int, ...], setting: int) -> np.ndarray:
+    """(Z,) bool: which slices of a training volume (Z, H, W) may be used. Setting 2 uses the OR rule."""
+    if setting not in SETTINGS:
+        raise DataError(f"setting must be one of {SETTINGS}, got {setting!r}")
+    if setting == 1 or not excluded:
+        return np.ones(len(labels), dtype=bool)
+    holds_any = np.isin(labels, excluded).any(axis=(1, 2))  # (Z,)
+    return ~holds_any
+
+
+def mask_out_classes(labels: np.ndarray, excluded: tuple[int, ...]) -> np.ndarray:
+    """Labels with the excluded classes turned into background, so training never sees them as labels."""
+    return np.where(np.isin(labels, excluded), 0, labels).astype(labels.dtype)
+
+
+def _class_span(labels: np.ndarray, class_id: int) -> tuple[int, int] | None:
+    zs = np.flatnonzero((labels == class_id).any(axis=(1, 2)))
+    return (int(zs[0]), int(zs[-1])) if len(zs) else None
+
+
+def ep1_support_indices(labels: np.ndarray, class_id: int, n_chunks: int = 3) -> list[int]:
+    """Support slice of each chunk of the class span: z0 + floor(L (2i + 1) / (2n))."""
+    span = _class_span(labels, class_id)
+    if span is None:
+        raise DataError(f"class id {class_id} is absent from the support volume")
+    z0, z1 = span
+    length = z1 - z0 + 1
+    return [z0 + (length * (2 * i + 1)) // (2 * n_chunks) for i in range(n_chunks)]
+
+
+def ep1_query_chunks(labels: np.ndarray, class_id: int, n_chunks: int = 3) -> list[np.ndarray]:
+    """Slice indices of each chunk of the query's class span (chunk of z: floor((z - q0) n / Lq))."""
+    span = _class_span(labels, class_id)
+    if span is None:
+        return []
+    q0, q1 = span
+    zs = np.arange(q0, q1 + 1)
+    chunk_of = (zs - q0) * n_chunks // len(zs)
+    return [zs[chunk_of == i] for i in range(n_chunks)]
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """3D Dice 2TP / (2TP + FP + FN) of two boolean volumes; 1.0 when both are empty."""
+    tp = np.logical_and(pred, truth).sum()
+    denom = pred.sum() + truth.sum()
+    return 1.0 if denom == 0 else float(2.0 * tp / denom)
+
+
+def _as_batch(slices: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]  # (n, 1, H, W)
+
+
+def _predict(predictor: Predictor, sup_img: np.ndarray, sup_mask: np.ndarray, qry: np.ndarray) -> np.ndarray:
+    """Run the predictor on one task and return (Q, H, W) bool, checking what it returned."""
+    out = predictor(_as_batch(sup_img), _as_batch(sup_mask), _as_batch(qry))
+    out = out.detach().float().cpu() if isinstance(out, torch.Tensor) else torch.as_tensor(out, dtype=torch.float32)
+    expected = (len(qry), 1, *qry.shape[1:])
+    if tuple(out.shape) != expected:
+        raise ValueError(f"predictor returned shape {tuple(out.shape)}, expected {expected} (Q, 1, H, W)")
+    return out[:, 0].numpy() > 0.5
+
+
+def _tasks(protocol: str, support, query, class_id: int, n_chunks: int):
+    """(support slice indices, query slice indices) pairs of one query volume under the protocol."""
+    if protocol == "EP1":
+        sup_idx = ep1_support_indices(support.labels, class_id, n_chunks)
+        return [([s], chunk) for s, chunk in zip(sup_idx, ep1_query_chunks(query.labels, class_id, n_chunks))
+                if len(chunk)]
+    middle = ep1_support_indices(support.labels, class_id, 1)
+    return [(middle, np.arange(len(query.images)))]
+
+
+def evaluate(predictor: Predictor, data: PreparedData, folds: list[Fold], *, classes: list[str] | tuple[str, ...],
+             protocol: str = "EP1", n_chunks: int = 3, on_prediction: PredictionHook | None = None,
+             predictor_for_fold: Callable[[Fold, str], Predictor] | None = None) -> dict:
+    """Score a predictor under EP1 or EP2: Dice per class per query volume per fold, plus the means.
+
+    `predictor_for_fold(fold, class_name)`, when given, supplies a predictor per fold and class (a model
+    trained for that fold); otherwise `predictor` serves every task.
+    """
+    if protocol not in PROTOCOLS:
+        raise DataError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    for name in classes:
+        data.spec.class_id(name)
+    fold_rows, skipped = [], []
+    tasks = [(f, c) for f in folds for c in classes]
+    for fold, name in tqdm(tasks, desc=f"evaluate {protocol}", unit="task", leave=False):
+        cid = data.spec.class_id(name)
+        support = data.volume(fold.support)
+        if not len(support.slices_with(cid)):
+            raise DataError(f"{data.label_file(fold.support)}: class {name!r} is absent from the support volume "
+                            f"of fold {fold.index}; choose another support or drop the class")
+        run = predictor_for_fold(fold, name) if predictor_for_fold else predictor
+        row = next((r for r in fold_rows if r["fold"] == fold.index), None)
+        if row is None:
+            row = {"fold": fold.index, "support": fold.support, "queries": list(fold.queries),
+                   "support_slices": {}, "dice": {}}
+            fold_rows.append(row)
+        row["support_slices"][name] = ep1_support_indices(support.labels, cid, n_chunks if protocol == "EP1" else 1)
+        row["dice"][name] = {}
+        for qid in fold.queries:
+            query = data.volume(qid)
+            truth = query.labels == cid
+            if not truth.any():
+                skipped.append({"fold": fold.index, "class": name, "query": qid, "why": "class absent"})
+                continue
+            pred = np.zeros_like(truth)
+            for sup_idx, q_idx in _tasks(protocol, support, query, cid, n_chunks):
+                sup_mask = (support.labels[sup_idx] == cid).astype(np.float32)
+                pred[q_idx] = _predict(run, support.images[sup_idx], sup_mask, query.images[q_idx])
+            if on_prediction:
+                zs = np.flatnonzero(truth.any(axis=(1, 2)) | pred.any(axis=(1, 2)))
+                on_prediction(fold.index, name, qid, zs, pred[zs])
+            row["dice"][name][qid] = dice(pred, truth)
+    return _summarise(fold_rows, skipped, data, classes, protocol)
+
+
+def _summarise(fold_rows: list[dict], skipped: list[dict], data: PreparedData, classes, protocol: str) -> dict:
+    per_fold = {row["fold"]: {c: float(np.mean(list(d.values()))) for c, d in row["dice"].items() if d}
+                for row in fold_rows}
+    per_class = {c: float(np.mean([f[c] for f in per_fold.values() if c in f])) for c in classes
+                 if any(c in f for f in per_fold.values())}
+    return {"protocol": protocol, "dataset": data.spec.name, "resolution": data.resolution,
+            "classes": list(classes), "folds": fold_rows, "per_fold": per_fold, "per_class": per_class,
+            "mean": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
+            "skipped": skipped}
+
+
+def empty_predictor(support_images: torch.Tensor, support_masks: torch.Tensor, query_images: torch.Tensor) -> torch.Tensor:
+    """Predicts background everywhere: the floor every method must beat (Dice 0)."""
+    return torch.zeros_like(query_images)
+
+
+def oracle_predictor(data: PreparedData) -> Predictor:
+    """Returns each query slice's own label: the ceiling (Dice 1) that proves the evaluator's bookkeeping.
+
+    It sees only what any predictor sees. It finds each slice in `data` by its bytes, and the class from
+    which label of the support slice equals the support mask.
+    """
+    index = {}
+    for v in data.volumes:
+        for z in range(len(v.images)):
+            index[v.images[z].tobytes()] = v.labels[z]
+
+    def predict(support_images: torch.Tensor, support_masks: torch.Tensor, query_images: torch.Tensor) -> torch.Tensor:
+        sup_labels = index[support_images[0, 0].numpy().tobytes()]
+        sup_mask = support_masks[0, 0].numpy() > 0.5
+        cid = next(c for c in np.unique(sup_labels[sup_mask]) if np.array_equal(sup_labels == c, sup_mask))
+        out = [index[q[0].numpy().tobytes()] == cid for q in query_images]
+        return torch.from_numpy(np.stack(out).astype(np.float32))[:, None]
+
+    return predict

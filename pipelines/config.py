@@ -1,0 +1,200 @@
+"""One experiment = one TOML file, parsed into frozen typed dataclasses and validated at load.
+
+Sections: [data], [protocol], [segment] (overrides of the segmenter's training config), [generators.NAME]
+(overrides of each generator's config), [synthesis], [[arms]] and [run]. An unknown key or a bad value
+raises `ConfigError` naming the section, the key and the valid choices. The segmenter and generator
+sections are checked against the stages' own config dataclasses, so this module holds no copy of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segment.protocol import PROTOCOLS, SETTINGS
+
+MODELS = ("prototype", "conditional")
+CLASSICAL = "classical"
+
+
+class ConfigError(ValueError):
+    """An experiment config that cannot run as written."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str  # folder of image_N / label_N volumes; relative paths are taken from the working folder
+    spec: str | None = None  # built-in spec name or spec TOML; default: dataset.toml in the data folder
+    resolution: int = 128
+    phantom: bool = False  # write the built-in phantom to `path` first when it is missing
+    phantom_volumes: int = 8
+    phantom_size: int = 96
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    setting: int = 1
+    protocols: tuple[str, ...] = ("EP1",)
+    folds: tuple[int, ...] | None = None  # None: every fold of the spec
+    classes: tuple[str, ...] | None = None  # None: every class of the spec
+    seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        if self.setting not in SETTINGS:
+            raise ConfigError(f"[protocol] setting = {self.setting!r}; valid values are {list(SETTINGS)}")
+        bad = [p for p in self.protocols if p not in PROTOCOLS]
+        if bad or not self.protocols:
+            raise ConfigError(f"[protocol] protocols = {list(self.protocols)}; choose from {list(PROTOCOLS)}")
+        if not self.seeds:
+            raise ConfigError("[protocol] seeds is empty; give at least one seed")
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    n_pairs: int = 16  # synthetic pairs per fold, class and source
+    in_training: bool = True  # fine-tune on the novel class's enlarged support pool
+    at_test: bool = True  # add the pairs to the support set at test time
+    max_test_supports: int = 8  # synthetic pairs added at test time, at most
+
+    def __post_init__(self) -> None:
+        if self.n_pairs < 1:
+            raise ConfigError(f"[synthesis] n_pairs = {self.n_pairs}; it must be >= 1")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the ablation: a name and the sources of synthetic pairs it adds to the real supports."""
+
+    name: str
+    sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: str = "runs/experiment"
+    cache: str = ".cache/supportforge"
+    jobs: int = 1
+    cpu: bool = True  # accelerate's cpu flag; false lets it take a GPU
+    overlays: int = 2  # query slices drawn per arm, model and class in the report
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    data: DataConfig
+    protocol: ProtocolConfig = ProtocolConfig()
+    models: tuple[str, ...] = MODELS
+    segment: dict[str, Any] = field(default_factory=dict)  # overrides of the segmenter's training config
+    generators: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> overrides of its config
+    synthesis: SynthesisConfig = SynthesisConfig()
+    arms: tuple[Arm, ...] = (Arm("real-only"),)
+    run: RunConfig = RunConfig()
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Every source of synthetic pairs some arm uses, in a stable order."""
+        return tuple(sorted({s for arm in self.arms for s in arm.sources}))
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """TOML values into the annotated type: lists to tuples, ints to floats, with clear errors."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} = {value!r}; expected a list")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{where} = {value!r}; expected {hint.__name__}")
+    return value
+
+
+def build(cls: type, raw: dict, section: str) -> Any:
+    """A frozen dataclass from a TOML table: unknown keys and bad values fail with the valid choices."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{section}] must be a table, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"[{section}] unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {k: _coerce(v, hints[k], f"[{section}] {k}") for k, v in raw.items()}
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"[{section}] {err}") from None
+
+
+def parse(raw: dict, *, source: str = "config") -> ExperimentConfig:
+    """Validate a parsed TOML document into an ExperimentConfig."""
+    known = ("name", "data", "protocol", "models", "segment", "generators", "synthesis", "arms", "run")
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) or key(s) {unknown}; valid ones are {list(known)}")
+    if "data" not in raw:
+        raise ConfigError(f"{source}: missing [data] section (path = the folder of volumes)")
+    models = tuple(raw.get("models", MODELS))
+    bad = [m for m in models if m not in MODELS]
+    if bad or not models:
+        raise ConfigError(f"{source}: models = {list(models)}; choose from {list(MODELS)}")
+    generators = raw.get("generators", {})
+    arms = tuple(build(Arm, a, f"arms.{a.get('name', i)}") for i, a in enumerate(raw.get("arms", [{"name": "real-only"}])))
+    _check_arms(arms, generators, source)
+    return ExperimentConfig(
+        name=str(raw.get("name", Path(source).stem)), data=build(DataConfig, raw["data"], "data"),
+        protocol=build(ProtocolConfig, raw.get("protocol", {}), "protocol"), models=models,
+        segment=dict(raw.get("segment", {})), generators={k: dict(v) for k, v in generators.items()},
+        synthesis=build(SynthesisConfig, raw.get("synthesis", {}), "synthesis"), arms=arms,
+        run=build(RunConfig, raw.get("run", {}), "run"))
+
+
+def _check_arms(arms: tuple[Arm, ...], generators: dict, source: str) -> None:
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: arm names repeat: {names}")
+    if not any(not a.sources for a in arms):
+        raise ConfigError(f"{source}: no real-only arm (an arm with sources = []); every gain is measured against it")
+    known = (CLASSICAL, *sorted(generators))
+    for arm in arms:
+        for s in arm.sources:
+            if s not in known:
+                raise ConfigError(f"{source}: arm {arm.name!r} names unknown generator {s!r}; known: {list(known)} "
+                                  f"(a generator needs a [generators.{s}] section)")
+
+
+def load(path: str | Path, *, data: str | None = None) -> ExperimentConfig:
+    """Read and validate an experiment TOML; `data` overrides [data] path (the CLI's --data)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    if data is not None:
+        raw.setdefault("data", {})["path"] = data
+    return parse(raw, source=str(path))
+
+
+def as_dict(obj: Any) -> Any:
+    """A JSON-able view of a config (for cache keys and the run folder's resolved config)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): as_dict(v) for k, v in sorted(obj.items())}
+    if isinstance(obj, list | tuple):
+        return [as_dict(v) for v in obj]
+    return obj

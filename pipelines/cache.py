@@ -87,6 +87,11 @@ class StageCache:
                 raise
         return Entry(stage, key, final, ran=True)
 
+    def remove(self, stage: str, key: str) -> None:
+        """Drop one entry (for --force), waiting for any run that is writing it."""
+        with self._lock(stage, key):
+            shutil.rmtree(self.folder(stage, key), ignore_errors=True)
+
     def ls(self) -> list[dict]:
         """Every complete entry: stage, key, size in bytes and creation time."""
         rows = []

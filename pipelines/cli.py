@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines.cache import StageCache
+from pipelines.config import ConfigError, load
 from segment.phantom import write_phantom
 from segment.protocol import PROTOCOLS, empty_predictor, evaluate, make_folds, oracle_predictor
 from segment.slices import prepare
@@ -62,6 +64,39 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    from pipelines.runner import run_experiment  # the heavy stage imports load only for a run
+
+    cfg = load(args.config, data=args.data)
+    if args.jobs is not None or args.out is not None:
+        import dataclasses
+        run = dataclasses.replace(cfg.run, **{k: v for k, v in (("jobs", args.jobs), ("out", args.out)) if v is not None})
+        cfg = dataclasses.replace(cfg, run=run)
+    start = time.perf_counter()
+    result = run_experiment(cfg, force=tuple(args.force))
+    ran = sum(c["ran"] for c in result["summary"].values())
+    print(f"{cfg.name}: {ran} stage run(s), report in {result['out'] / 'report.md'} "
+          f"({time.perf_counter() - start:.1f} s)")
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    cache = StageCache(args.cache)
+    if args.action == "ls":
+        rows = cache.ls()
+        for r in rows:
+            print(f"{r['stage']:<20} {r['key']}  {r['bytes'] / 1e6:8.2f} MB  {r['created']}")
+        print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB in {cache.root}")
+        return
+    keep = None
+    if args.keep:
+        keep = set()
+        for run_dir in args.keep:
+            records = json.loads((Path(run_dir) / "stages.json").read_text())["records"]
+            keep |= {(r["stage"], r["key"]) for r in records}
+    removed = cache.gc(keep)
+    print(f"removed {len(removed)} entries or leftovers from {cache.root}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="supportforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("run", help="run an experiment TOML: every stage, cached, then the ablation report")
+    p.add_argument("config", type=Path)
+    p.add_argument("--data", default=None, help="data folder (overrides [data] path)")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage (repeatable)")
+    p.add_argument("--jobs", type=int, default=None, help="parallel processes over folds and seeds")
+    p.add_argument("--out", default=None, help="run folder (overrides [run] out)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("cache", help="list the stage cache, or remove leftovers and unused entries")
+    p.add_argument("action", choices=("ls", "gc"))
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--keep", nargs="*", default=None, metavar="RUN_DIR",
+                   help="with gc: keep only the entries these run folders used")
+    p.set_defaults(func=cmd_cache)
     return parser
 
 
@@ -92,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except DataError as err:
+    except (DataError, ConfigError) as err:
         print(f"supportforge: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -43,6 +43,7 @@ class ProtocolConfig:
     folds: tuple[int, ...] | None = None  # None: every fold of the spec
     classes: tuple[str, ...] | None = None  # None: every class of the spec
     seeds: tuple[int, ...] = (0,)
+    postprocess: bool = True  # keep the largest 3D component of each prediction, the same for every arm
 
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:
@@ -58,6 +59,7 @@ class ProtocolConfig:
 class SynthesisConfig:
     n_pairs: int = 16  # synthetic pairs per fold, class and source
     in_training: bool = True  # fine-tune on the novel class's enlarged support pool
+    finetune_steps: int = 100  # the same for every arm, real-only included
     at_test: bool = True  # add the pairs to the support set at test time
     max_test_supports: int = 8  # synthetic pairs added at test time, at most
 
@@ -80,7 +82,7 @@ class RunConfig:
     cache: str = ".cache/supportforge"
     jobs: int = 1
     cpu: bool = True  # accelerate's cpu flag; false lets it take a GPU
-    overlays: int = 2  # query slices drawn per arm, model and class in the report
+    overlays: int = 1  # query slices drawn per arm, model and class in the report
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ def parse(raw: dict, *, source: str = "config") -> ExperimentConfig:
     if bad or not models:
         raise ConfigError(f"{source}: models = {list(models)}; choose from {list(MODELS)}")
     generators = raw.get("generators", {})
+    _check_stage_sections(raw, source)
     arms = tuple(build(Arm, a, f"arms.{a.get('name', i)}") for i, a in enumerate(raw.get("arms", [{"name": "real-only"}])))
     _check_arms(arms, generators, source)
     return ExperimentConfig(
@@ -159,6 +162,27 @@ def parse(raw: dict, *, source: str = "config") -> ExperimentConfig:
         segment=dict(raw.get("segment", {})), generators={k: dict(v) for k, v in generators.items()},
         synthesis=build(SynthesisConfig, raw.get("synthesis", {}), "synthesis"), arms=arms,
         run=build(RunConfig, raw.get("run", {}), "run"))
+
+
+def _check_stage_sections(raw: dict, source: str) -> None:
+    """[segment] and [generators.NAME] against the stages' own config dataclasses."""
+    from augment.ddpm import DDPMConfig
+    from augment.gan import GANConfig
+    from segment.train import SegmenterConfig
+
+    kinds = {"ddpm": DDPMConfig, "gan": GANConfig}
+    runner_owned = {"model", "resolution", "seed", "cpu"}  # set per stage run from [data], [protocol], [run]
+    sections = [("segment", SegmenterConfig, raw.get("segment", {}))]
+    for name, table in raw.get("generators", {}).items():
+        if name not in kinds:
+            raise ConfigError(f"{source}: [generators.{name}]: unknown generator; known: {sorted(kinds)}")
+        sections.append((f"generators.{name}", kinds[name], table))
+    for section, cls, table in sections:
+        owned = sorted(runner_owned & set(table))
+        if owned:
+            raise ConfigError(f"{source}: [{section}] {owned} are set by the runner from [data], [protocol] "
+                              f"and [run]; remove them")
+        build(cls, table, section)
 
 
 def _check_arms(arms: tuple[Arm, ...], generators: dict, source: str) -> None:

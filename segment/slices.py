@@ -137,6 +137,12 @@ def prepare(spec: DatasetSpec, data_dir: str | Path, *, resolution: int, cache_d
         return PreparedData(spec, resolution, volumes, key, folder, data_dir)
 
     raw = [load_raw_volume(spec, data_dir, vid) for vid in tqdm(ids, desc=f"read {spec.name}", unit="vol")]
+    present = set().union(*(np.unique(lb).tolist() for _, lb in raw))
+    absent = [f"{name!r} (raw value {raw_value})" for raw_value, name in sorted(spec.labels.items())
+              if spec.class_id(name) not in present]
+    if absent:
+        raise DataError(f"{data_dir}: spec {spec.name!r} class(es) {', '.join(absent)} appear in no label file; "
+                        f"fix the spec's [labels] or the data")
     images = _normalise(spec, [im for im, _ in raw])
     volumes = tuple(Volume(vid, _resize(im, resolution, labels=False), _resize(lb, resolution, labels=True))
                     for vid, im, (_, lb) in zip(ids, images, raw))

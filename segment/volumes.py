@@ -186,6 +186,8 @@ def _remap_labels(spec: DatasetSpec, raw: np.ndarray, path: Path) -> np.ndarray:
 
 def resolve_spec(data_dir: str | Path, spec: str | Path | None) -> DatasetSpec:
     """The spec named by `spec`, or else the `dataset.toml` that sits in the data folder."""
+    if not Path(data_dir).is_dir():
+        raise DataError(f"data folder {data_dir} does not exist")
     if spec is not None:
         return load_spec(spec)
     beside = Path(data_dir) / "dataset.toml"

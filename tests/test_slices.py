@@ -59,6 +59,7 @@ def test_window_zscore_is_global(tmp_path):
         image = rng.normal(offset, 200.0, size=(16, 16, 6)).astype(np.float32)
         label = np.zeros((16, 16, 6), dtype=np.uint8)
         label[4:8, 4:8, 2:4] = 6
+        label[10:12, 10:12, 2:4], label[10:12, 2:4, 2:4], label[2:4, 10:12, 2:4] = 1, 2, 3
         nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / f"image_{i}.nii.gz")
         nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / f"label_{i}.nii.gz")
     data = prepare(spec, tmp_path, resolution=16, cache_dir=tmp_path / "cache", min_volumes=2)

@@ -110,3 +110,12 @@ def test_fewer_volumes_than_folds(phantom_copy, tmp_path):
 def test_missing_data_folder(tmp_path):
     with pytest.raises(DataError, match=r"data folder .*nowhere does not exist"):
         prepare(load_spec("abd_mri"), tmp_path / "nowhere", resolution=32, cache_dir=tmp_path / "cache")
+
+
+def test_spec_class_absent_from_every_label_file(phantom_copy, tmp_path):
+    spec_path = phantom_copy / "dataset.toml"
+    spec_path.write_text(spec_path.read_text().replace('4 = "spleen"', '4 = "spleen"\n7 = "pancreas"'))
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match=r"class\(es\) 'pancreas' \(raw value 7\) appear in no label file"):
+        prepare(load_spec(spec_path), phantom_copy, resolution=32, cache_dir=cache)
+    assert _cache_is_empty(cache)

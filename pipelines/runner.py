@@ -1,0 +1,148 @@
+"""The experiment runner: chains the stages, caches each stage run, and gathers the ablation rows.
+
+Stages, in order: prepare (slices) -> superpixels -> generator (pretrain, then fine-tune per class) ->
+synthesis (per source and class) -> segmenter (base model per model and exclusion set) -> finetune (per
+arm and class) -> evaluate (per model, arm and protocol) -> report. Every stage run goes through the
+content-addressed `StageCache`; its key holds the stage's own config, the keys of its inputs and the
+stage's code version, so a config change re-runs exactly the stages downstream of it. Independent
+(fold, seed) units can run in parallel processes (`jobs`), which share the cache through its locks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipelines import stages
+from pipelines.cache import StageCache, stage_key
+from pipelines.config import ConfigError, ExperimentConfig, as_dict
+from segment.phantom import write_phantom
+from segment.protocol import Fold, make_folds
+from segment.slices import PreparedData, prepare
+from segment.volumes import resolve_spec
+
+# Bump a stage's version when its code changes what it writes: every entry of it, and downstream, re-runs.
+STAGE_VERSIONS = {"superpixels": "1", "generator-pretrain": "1", "generator": "1", "synthesis": "1",
+                  "segmenter": "1", "finetune": "1", "evaluate": "1", "report": "1"}
+STAGES = ("prepare", *STAGE_VERSIONS)
+
+
+@dataclass
+class StageRunner:
+    """Runs one stage entry through the cache, logs whether it ran or was cached, and keeps a record."""
+
+    cache: StageCache
+    force: frozenset[str]
+    log: logging.Logger
+    records: list[dict] = field(default_factory=list)
+
+    def __call__(self, stage: str, label: str, config: dict, inputs: dict[str, str], produce) -> tuple[Path, str]:
+        key = stage_key(stage, STAGE_VERSIONS[stage], config, inputs)
+        if stage in self.force and self.cache.done(stage, key):
+            self.cache.remove(stage, key)
+        start = time.perf_counter()
+        entry = self.cache.run(stage, key, produce, meta={"label": label, "config": config, "inputs": inputs})
+        seconds = round(time.perf_counter() - start, 2)
+        self.log.info("%-18s %-44s %s %s", stage, label, "ran" if entry.ran else "cached", f"({seconds} s, {key})")
+        self.records.append({"stage": stage, "label": label, "key": key, "ran": entry.ran, "seconds": seconds})
+        return entry.path, key
+
+
+def setup_logging(out: Path) -> logging.Logger:
+    """Log to the run folder's `run.log` and to stderr."""
+    out.mkdir(parents=True, exist_ok=True)
+    log = logging.getLogger("supportforge")
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    for handler in (logging.FileHandler(out / "run.log"), logging.StreamHandler()):
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    return log
+
+
+def load_data(cfg: ExperimentConfig) -> PreparedData:
+    """Check the config against the dataset spec, then prepare the slices (writing the phantom first
+    where the config asks for it). Nothing is written before the checks pass."""
+    path = Path(cfg.data.path)
+    if cfg.data.phantom and not (path / "dataset.toml").is_file():
+        write_phantom(path, n_volumes=cfg.data.phantom_volumes, size=cfg.data.phantom_size, seed=0)
+    spec = resolve_spec(path, cfg.data.spec)
+    unknown = [c for c in cfg.protocol.classes or () if c not in spec.classes]
+    if unknown:
+        raise ConfigError(f"[protocol] classes: {unknown} are not classes of spec {spec.name!r} ({list(spec.classes)})")
+    bad = [k for k in cfg.protocol.folds or () if not 0 <= k < spec.n_folds]
+    if bad:
+        raise ConfigError(f"[protocol] folds: {bad} out of range; spec {spec.name!r} has {spec.n_folds} folds")
+    return prepare(spec, path, resolution=cfg.data.resolution, cache_dir=cfg.run.cache)
+
+
+def select(cfg: ExperimentConfig, data: PreparedData) -> tuple[list[Fold], tuple[str, ...]]:
+    """The folds and classes the config asks for (checked by `load_data`)."""
+    folds = make_folds(data.ids, data.spec.n_folds)
+    wanted = cfg.protocol.folds if cfg.protocol.folds is not None else tuple(range(len(folds)))
+    return [folds[k] for k in wanted], tuple(cfg.protocol.classes or data.spec.classes)
+
+
+def _unit(cfg: ExperimentConfig, fold: Fold, seed: int, classes: tuple[str, ...], sp_key: str,
+          force: frozenset[str], out: str) -> tuple[list[dict], list[dict], dict]:
+    """One (fold, seed) unit in its own process or in the caller's: every stage from generators to scores."""
+    log = logging.getLogger("supportforge")
+    if not log.handlers:
+        log = setup_logging(Path(out))
+    runner = StageRunner(StageCache(cfg.run.cache), force, log)
+    data = load_data(cfg)
+    rows, extras = stages.run_unit(cfg, data, fold, seed, classes, sp_key, runner)
+    return rows, runner.records, extras
+
+
+def run_experiment(cfg: ExperimentConfig, *, force: tuple[str, ...] = ()) -> dict:
+    """Run (or read from the cache) every stage of the experiment and write the report to `cfg.run.out`."""
+    bad = [s for s in force if s not in STAGES]
+    if bad:
+        raise ConfigError(f"--force {bad[0]!r}: not a stage; stages are {list(STAGES)}")
+    out = Path(cfg.run.out)
+    data = load_data(cfg)  # validates the data before anything is written under the run folder
+    folds, classes = select(cfg, data)
+    log = setup_logging(out)
+    log.info("experiment %s: %d fold(s), seeds %s, classes %s, arms %s", cfg.name, len(folds),
+             list(cfg.protocol.seeds), list(classes), [a.name for a in cfg.arms])
+    runner = StageRunner(StageCache(cfg.run.cache), frozenset(force), log)
+    runner.records.append({"stage": "prepare", "label": data.spec.name, "key": data.key, "ran": None, "seconds": 0})
+    _, sp_key = stages.superpixel_stage(cfg, data, runner)
+
+    units = [(fold, seed) for fold in folds for seed in cfg.protocol.seeds]
+    rows, extras = [], []
+    args = [(cfg, fold, seed, classes, sp_key, frozenset(force), str(out)) for fold, seed in units]
+    if cfg.run.jobs > 1 and len(units) > 1:
+        with ProcessPoolExecutor(cfg.run.jobs, mp_context=mp.get_context("spawn")) as pool:
+            results = list(tqdm(pool.map(_unit, *zip(*args)), total=len(units), desc="units", unit="unit"))
+    else:
+        results = [_unit(*a) for a in tqdm(args, desc="units", unit="unit")]
+    for unit_rows, records, unit_extras in results:
+        rows += unit_rows
+        runner.records += records
+        extras.append(unit_extras)
+    report_dir = stages.report_stage(cfg, data, rows, extras, runner)
+    stages.publish(report_dir, out)
+    summary = _stage_summary(runner.records)
+    for stage, counts in summary.items():
+        log.info("stage %-18s ran %d, cached %d", stage, counts["ran"], counts["cached"])
+    (out / "stages.json").write_text(json.dumps({"records": runner.records, "summary": summary,
+                                                 "config": as_dict(cfg)}, indent=2))
+    log.info("report: %s", out / "report.md")
+    return {"out": out, "records": runner.records, "summary": summary}
+
+
+def _stage_summary(records: list[dict]) -> dict:
+    summary: dict[str, dict[str, int]] = {}
+    for r in records:
+        counts = summary.setdefault(r["stage"], {"ran": 0, "cached": 0})
+        counts["ran" if r["ran"] else "cached"] += 1
+    return summary

@@ -1,0 +1,339 @@
+"""Where `segment/` and `augment/` meet: one function per stage, each run through the stage cache.
+
+Honesty rules the stages keep: a generator learns from the fold's training volumes (superpixel masks,
+no labels) and the fold's support pairs only; every synthetic set's manifest is checked against the
+fold's query volumes before use; segmenters never see a test-class label; every arm of a (fold, seed)
+unit is fine-tuned for the same number of steps, from the same base model, on the same real supports,
+and scored on the same query volumes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from augment import ddpm, gan
+from augment.manifest import Provenance, refs
+from augment.masks import DeformConfig
+from augment.training import CHECKPOINT_FILE
+from augment.synthesis import classical_set, load_set, save_grid, save_set, synthesize, validate_manifest
+from pipelines import report
+from pipelines.config import CLASSICAL, ExperimentConfig, as_dict
+from pipelines.stats import paired_tests, summarise
+from segment import train as seg_train
+from segment.predict import make_predictor
+from segment.protocol import Fold, ep1_support_indices, evaluate, excluded_class_ids, training_slice_mask
+from segment.slices import PreparedData
+from segment.superpixels import SuperpixelParams, superpixels
+
+GENERATORS = {"ddpm": (ddpm.DDPMConfig, ddpm.train), "gan": (gan.GANConfig, gan.train)}
+SAMPLING_FIELDS = ("sampler", "sample_steps", "sample_batch")  # read by synthesis, not by training
+FINETUNE_FIELDS = ("finetune_steps", "finetune_lr", "finetune_lr_scale")  # read by the per-class fine-tune
+BASELINE = "real-only"
+
+
+def segmenter_config(cfg: ExperimentConfig, model: str, seed: int) -> seg_train.SegmenterConfig:
+    return seg_train.SegmenterConfig.from_dict({**cfg.segment, "model": model, "resolution": cfg.data.resolution,
+                                                "seed": seed, "cpu": cfg.run.cpu})
+
+
+def generator_config(cfg: ExperimentConfig, name: str, seed: int):
+    config_cls, _ = GENERATORS[name]
+    return config_cls(**{**cfg.generators[name], "resolution": cfg.data.resolution, "seed": seed, "cpu": cfg.run.cpu})
+
+
+def exclusion_sets(data: PreparedData, classes: tuple[str, ...], setting: int) -> dict[str, tuple[int, ...]]:
+    """Class -> the class ids training may not use as labels. Setting 1 pools every evaluated class, so
+    one model per fold serves them all; Setting 2 keeps one set per exclusion group (the OR rule)."""
+    if setting == 1:
+        pooled = tuple(sorted({i for c in classes for i in excluded_class_ids(data.spec, c, 1)}))
+        return {c: pooled for c in classes}
+    return {c: tuple(sorted(excluded_class_ids(data.spec, c, 2))) for c in classes}
+
+
+def support_pairs(data: PreparedData, fold: Fold, name: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The protocol's support pairs of a class: its EP1 slices of the fold's support volume, (3, 1, R, R)."""
+    vol = data.volume(fold.support)
+    idx = ep1_support_indices(vol.labels, data.spec.class_id(name))
+    images = torch.from_numpy(vol.images[idx][:, None].copy())
+    masks = torch.from_numpy((vol.labels[idx] == data.spec.class_id(name))[:, None].astype(np.float32))
+    return images, masks, idx
+
+
+def superpixel_params(cfg: ExperimentConfig) -> SuperpixelParams:
+    return SuperpixelParams(scale=segmenter_config(cfg, "prototype", 0).superpixel_scale)
+
+
+def superpixel_stage(cfg: ExperimentConfig, data: PreparedData, runner) -> tuple[Path, str]:
+    """Felzenszwalb superpixels of every slice (label-free), shared by segmenters and generators."""
+    params = superpixel_params(cfg)
+
+    def produce(folder: Path) -> None:
+        maps = superpixels(data, params=params, cache_dir=cfg.run.cache)
+        (folder / "volumes.json").write_text(json.dumps({v: int(m.max()) for v, m in maps.items()}))
+
+    return runner("superpixels", data.spec.name, as_dict(params), {"data": data.key}, produce)
+
+
+def pretrain_pairs(cfg: ExperimentConfig, data: PreparedData, fold: Fold, excluded: tuple[int, ...], seed: int):
+    """Unlabelled pool of a fold: each allowed training slice with one random superpixel as its mask."""
+    maps = superpixels(data, params=superpixel_params(cfg), cache_dir=cfg.run.cache, volume_ids=fold.train)
+    rng = np.random.default_rng(seed)
+    images, masks, used = [], [], []
+    for vid in fold.train:
+        vol = data.volume(vid)
+        allowed = training_slice_mask(vol.labels, excluded, cfg.protocol.setting)
+        for z in np.flatnonzero(allowed):
+            ids, counts = np.unique(maps[vid][z], return_counts=True)
+            keep = ids[(ids > 0) & (counts >= 0.002 * maps[vid][z].size) & (counts < 0.5 * maps[vid][z].size)]
+            if not len(keep):
+                continue
+            images.append(vol.images[z])
+            masks.append(maps[vid][z] == rng.choice(keep))
+            used.append((vid, int(z)))
+    pairs = (torch.from_numpy(np.stack(images)[:, None].copy()),
+             torch.from_numpy(np.stack(masks)[:, None].astype(np.float32)))
+    return pairs, used
+
+
+def generator_stage(cfg, data, fold, seed, name, class_name, excluded, sp_key, runner) -> tuple[Path, str]:
+    """Pretrain one generator per fold on the unlabelled pool, then fine-tune it on a class's supports."""
+    config = generator_config(cfg, name, seed)
+    _, train_fn = GENERATORS[name]
+    base_inputs = {"data": data.key, "superpixels": sp_key}
+    train_fields = {k: v for k, v in as_dict(config).items() if k not in SAMPLING_FIELDS}
+    pre_cfg = {"generator": name, "config": {k: v for k, v in train_fields.items() if k not in FINETUNE_FIELDS},
+               "fold": as_dict(fold), "excluded": list(excluded), "setting": cfg.protocol.setting}
+
+    def produce_pretrain(folder: Path) -> None:
+        pairs, used = pretrain_pairs(cfg, data, fold, excluded, seed)
+        prov = Provenance(fold=fold.index, setting=cfg.protocol.setting, query_volumes=fold.queries,
+                          pretrain=tuple(r for v, z in used for r in refs(v, [z])))
+        train_fn(config, pretrain_pairs=pairs, provenance=prov, out_dir=folder)
+
+    pre_path, pre_key = runner("generator-pretrain", f"{name} fold{fold.index} s{seed}", pre_cfg, base_inputs,
+                               produce_pretrain)
+    images, masks, idx = support_pairs(data, fold, class_name)
+
+    def produce_finetune(folder: Path) -> None:
+        prov = Provenance(fold=fold.index, class_name=class_name, setting=cfg.protocol.setting,
+                          finetune=refs(fold.support, idx), query_volumes=fold.queries)
+        train_fn(config, finetune_pairs=(images, masks), provenance=prov,
+                 out_dir=folder, init_checkpoint=pre_path / CHECKPOINT_FILE)
+
+    return runner("generator", f"{name} fold{fold.index} s{seed} {class_name}",
+                  {"class": class_name, "support_slices": idx, "config": train_fields},
+                  {"pretrain": pre_key}, produce_finetune)
+
+
+def synthesis_stage(cfg, data, fold, seed, source, class_name, gen_entry, runner) -> tuple[Path, str]:
+    """`n_pairs` synthetic pairs of a class from one source; the manifest is checked for leakage."""
+    images, masks, idx = support_pairs(data, fold, class_name)
+    ids = refs(fold.support, idx)
+    sampling = {} if source == CLASSICAL else {k: v for k, v in as_dict(generator_config(cfg, source, seed)).items()
+                                               if k in SAMPLING_FIELDS}
+    config = {"source": source, "class": class_name, "n": cfg.synthesis.n_pairs, "seed": seed,
+              "support_slices": idx, "deform": as_dict(DeformConfig()), "fold": fold.index, "sampling": sampling}
+
+    def produce(folder: Path) -> None:
+        if source == CLASSICAL:
+            syn = classical_set(images, masks, ids, n=cfg.synthesis.n_pairs, seed=seed, fold=fold.index,
+                                class_name=class_name, query_volumes=fold.queries)
+        else:
+            gen_cfg = generator_config(cfg, source, seed)
+            kwargs = {"steps": gen_cfg.sample_steps, "sampler": gen_cfg.sampler} if source == "ddpm" else {}
+            syn = synthesize(gen_entry[0] / CHECKPOINT_FILE, images, masks, ids, n=cfg.synthesis.n_pairs, seed=seed,
+                             query_volumes=fold.queries, **kwargs)
+        save_set(syn, folder / "set")
+
+    inputs = {"data": data.key} if gen_entry is None else {"generator": gen_entry[1]}
+    path, key = runner("synthesis", f"{source} fold{fold.index} s{seed} {class_name}", config, inputs, produce)
+    validate_manifest(load_set(path / "set").manifest, fold.queries)  # again, on what the cache returned
+    return path, key
+
+
+def segmenter_stage(cfg, data, fold, seed, model, excluded, sp_key, runner) -> tuple[Path, str]:
+    """The base segmenter of a fold: superpixel (and allowed supervised) episodes, no test-class label."""
+    config = segmenter_config(cfg, model, seed)
+
+    def produce(folder: Path) -> None:
+        seg_train.train(config, data, fold, test_class_ids=excluded, setting=cfg.protocol.setting,
+                        out_dir=folder, cache_dir=cfg.run.cache)
+
+    return runner("segmenter", f"{model} fold{fold.index} s{seed}",
+                  {"config": as_dict(config), "fold": as_dict(fold), "excluded": list(excluded),
+                   "setting": cfg.protocol.setting}, {"data": data.key, "superpixels": sp_key}, produce)
+
+
+def _pool(data, fold, class_name, synth: dict[str, tuple[Path, str]], limit: int | None = None):
+    """Real support pairs of a class plus the synthetic pairs of the given sources: (N, 1, R, R) each."""
+    images, masks, _ = support_pairs(data, fold, class_name)
+    parts_i, parts_m = [images], [masks]
+    for path, _ in synth.values():
+        syn = load_set(path / "set")
+        parts_i.append(syn.images[:limit])
+        parts_m.append(syn.masks[:limit])
+    return torch.cat(parts_i), torch.cat(parts_m)
+
+
+def finetune_stage(cfg, data, fold, seed, base, class_name, synth, runner, label) -> tuple[Path, str]:
+    """Fine-tune the base segmenter on the class's pool: real supports plus the arm's synthetic pairs."""
+
+    def produce(folder: Path) -> None:
+        images, masks = _pool(data, fold, class_name, synth)
+        seg_train.finetune(base[0] / "model.pt", images, masks, out_dir=folder, steps=cfg.synthesis.finetune_steps,
+                           seed=seed)
+
+    return runner("finetune", label, {"class": class_name, "steps": cfg.synthesis.finetune_steps, "seed": seed},
+                  {"base": base[1], **{s: k for s, (_, k) in synth.items()}}, produce)
+
+
+def _overlay_hook(keep: list[dict], n_slices: int, wanted_query: dict[str, str], data: PreparedData):
+    """Keep a few query slices (image, truth, prediction) of one query volume per class for the report."""
+
+    def hook(fold_index: int, class_name: str, query_id: str, zs: np.ndarray, pred: np.ndarray) -> None:
+        if wanted_query.setdefault(class_name, query_id) != query_id:
+            return
+        vol, cid = data.volume(query_id), data.spec.class_id(class_name)
+        with_truth = [i for i, z in enumerate(zs) if (vol.labels[z] == cid).any()]
+        for i in with_truth[len(with_truth) // 2:][:n_slices]:
+            keep.append({"class": class_name, "query": query_id, "slice": int(zs[i]), "image": vol.images[zs[i]],
+                         "truth": vol.labels[zs[i]] == cid, "pred": pred[i]})
+
+    return hook
+
+
+def evaluate_stage(cfg, data, fold, seed, model, arm, protocol, tuned, synth, classes, runner) -> tuple[Path, str]:
+    """Score one (model, arm) under one protocol; extra test-time supports come from the arm's pairs."""
+    at_test = cfg.synthesis.at_test and any(synth.values())
+
+    def predictor_for(fold_: Fold, class_name: str):
+        net = seg_train.load(tuned[class_name][0] / "model.pt")
+        extra = None
+        if at_test:
+            images, masks = _pool(data, fold_, class_name, synth[class_name], limit=cfg.synthesis.max_test_supports)
+            extra = (images[3:], masks[3:])  # the protocol passes the real support slices itself
+        return make_predictor(net, extra_supports=extra, postprocess=cfg.protocol.postprocess)
+
+    def produce(folder: Path) -> None:
+        panels: list[dict] = []
+        res = evaluate(None, data, [fold], classes=classes, protocol=protocol, predictor_for_fold=predictor_for,
+                       on_prediction=_overlay_hook(panels, cfg.run.overlays, {}, data))
+        rows = [{"protocol": protocol, "model": model, "arm": arm.name, "class": c, "fold": fold.index, "seed": seed,
+                 "query": q, "dice": d} for row in res["folds"] for c, per_q in row["dice"].items()
+                for q, d in per_q.items()]
+        (folder / "rows.json").write_text(json.dumps({"rows": rows, "skipped": res["skipped"]}, indent=2))
+        np.savez_compressed(folder / "overlays.npz", **{f"{k}_{i}": np.asarray(p[k]) for i, p in enumerate(panels)
+                                                         for k in ("image", "truth", "pred")})
+        (folder / "overlays.json").write_text(json.dumps([{k: p[k] for k in ("class", "query", "slice")}
+                                                          for p in panels]))
+
+    inputs = {"data": data.key, **{f"tuned/{c}": k for c, (_, k) in tuned.items()},
+              **({f"synth/{c}/{s}": k for c, per in synth.items() for s, (_, k) in per.items()} if at_test else {})}
+    config = {"protocol": protocol, "classes": list(classes), "at_test": at_test,
+              "max_test_supports": cfg.synthesis.max_test_supports, "postprocess": cfg.protocol.postprocess,
+              "overlays": cfg.run.overlays}
+    label = f"{model} {arm.name} {protocol} fold{fold.index} s{seed}"
+    return runner("evaluate", label, config, inputs, produce)
+
+
+def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, classes: tuple[str, ...],
+             sp_key: str, runner) -> tuple[list[dict], dict]:
+    """Every stage of one (fold, seed) unit; returns its Dice rows and the artifact paths for the report."""
+    excl = exclusion_sets(data, classes, cfg.protocol.setting)
+    # 1. synthetic pairs per source and class (generators first where a source needs one)
+    synth: dict[tuple[str, str], tuple[Path, str]] = {}
+    for source in cfg.sources:
+        for c in classes:
+            gen = None if source == CLASSICAL else generator_stage(cfg, data, fold, seed, source, c, excl[c],
+                                                                   sp_key, runner)
+            synth[source, c] = synthesis_stage(cfg, data, fold, seed, source, c, gen, runner)
+    # 2. per model: base segmenter per exclusion set, fine-tuned per arm and class, then scored
+    rows, evals = [], []
+    for model in cfg.models:
+        bases = {e: segmenter_stage(cfg, data, fold, seed, model, e, sp_key, runner) for e in sorted(set(excl.values()))}
+        for arm in cfg.arms:
+            arm_synth = {c: {s: synth[s, c] for s in arm.sources} for c in classes}
+            tuned = {c: (finetune_stage(cfg, data, fold, seed, bases[excl[c]], c, arm_synth[c], runner,
+                                        f"{model} {arm.name} fold{fold.index} s{seed} {c}")
+                         if cfg.synthesis.in_training else bases[excl[c]]) for c in classes}
+            for protocol in cfg.protocol.protocols:
+                path, key = evaluate_stage(cfg, data, fold, seed, model, arm, protocol, tuned, arm_synth, classes,
+                                           runner)
+                rows += json.loads((path / "rows.json").read_text())["rows"]
+                evals.append({"model": model, "arm": arm.name, "protocol": protocol, "path": str(path), "key": key})
+    return rows, {"synth": {f"{s}|{c}": str(p) for (s, c), (p, _) in synth.items()}, "evals": evals,
+                  "fold": fold.index, "seed": seed}
+
+
+def _overlay_panels(evals: list[dict], model: str, protocol: str) -> list[dict]:
+    panels = []
+    for e in (e for e in evals if e["model"] == model and e["protocol"] == protocol):
+        meta = json.loads((Path(e["path"]) / "overlays.json").read_text())
+        with np.load(Path(e["path"]) / "overlays.npz") as z:
+            for i, m in enumerate(meta):
+                panels.append({"image": z[f"image_{i}"], "truth": z[f"truth_{i}"], "pred": z[f"pred_{i}"],
+                               "title": f"{e['arm']} · {m['class']} · vol {m['query']} z{m['slice']}"})
+    return panels
+
+
+def report_stage(cfg: ExperimentConfig, data: PreparedData, rows: list[dict], extras: list[dict], runner) -> Path:
+    """Statistics, figures and report.md of the whole experiment, cached on the keys of what it reads."""
+    evals = [e for x in extras for e in x["evals"]]
+    synth = {k: v for x in extras if x["fold"] == extras[0]["fold"] and x["seed"] == extras[0]["seed"]
+             for k, v in x["synth"].items()}
+
+    def produce(folder: Path) -> None:
+        summary, tests = summarise(rows), paired_tests(rows, baseline=BASELINE)
+        if any(r["arm"] == CLASSICAL for r in rows):  # generators against the classical control, separately
+            tests += paired_tests([r for r in rows if r["arm"] != BASELINE], baseline=CLASSICAL)
+        figures = {}
+        for protocol in cfg.protocol.protocols:
+            name = f"dice_{protocol}.png"
+            report.dice_chart(summary, protocol, folder / name)
+            figures[f"Dice per arm, model and class ({protocol})"] = name
+            for model in cfg.models:
+                name = f"overlays_{model}_{protocol}.png"
+                report.overlay_figure(_overlay_panels(evals, model, protocol), folder / name)
+                figures[f"Query overlays, {model}, {protocol}: truth green, prediction red"] = name
+        for c in dict.fromkeys(k.split("|")[1] for k in synth):
+            images, masks, _ = support_pairs(data, data_fold(data, extras[0]["fold"]), c)
+            grid = {"real supports": (images, masks)}
+            grid |= {s: load_set(Path(p) / "set") for s_c, p in synth.items() for s in [s_c.split("|")[0]]
+                     if s_c.endswith(f"|{c}")}
+            name = f"pairs_{c}.png"
+            save_grid(grid, folder / name, title=f"{c}: real supports and synthetic pairs (fold {extras[0]['fold']})")
+            figures[f"Synthetic pairs, {c}"] = name
+        context = {"experiment": cfg.name, "dataset": data.spec.to_dict(), "data": str(data.source),
+                   "data_key": data.key, "resolution": data.resolution, "config": as_dict(cfg),
+                   "versions": _versions(), "units": [(x["fold"], x["seed"]) for x in extras]}
+        report.write_report(folder, title=f"SupportForge ablation: {cfg.name}", summary=summary, tests=tests,
+                            rows=rows, context=context, figures=figures)
+
+    path, _ = runner("report", cfg.name, {"config": as_dict(cfg)},
+                     {f"eval/{i}": e["key"] for i, e in enumerate(evals)}, produce)
+    return path
+
+
+def data_fold(data: PreparedData, index: int) -> Fold:
+    from segment.protocol import make_folds
+    return make_folds(data.ids, data.spec.n_folds)[index]
+
+
+def _versions() -> dict:
+    import accelerate
+    import diffusers
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "accelerate": accelerate.__version__,
+            "numpy": np.__version__}
+
+
+def publish(report_dir: Path, out: Path) -> None:
+    """Copy the report's files into the run folder (the cache keeps the original)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in report_dir.iterdir():
+        if f.is_file() and f.name != "stage.json":
+            shutil.copy2(f, out / f.name)

@@ -1,0 +1,131 @@
+"""A small residual CNN encoder in plain torch, trained from scratch (no weights can be downloaded here).
+
+Layout: a stride-2 stem (full-resolution convolutions cost most and add little at 128 px on 2 CPU
+cores), `depth - 1` further stride-2 residual stages that double the width, then
+`dilated_blocks` residual blocks at the last resolution with growing dilation (as DeepLab keeps
+resolution while widening the receptive field), then a 1x1 projection to `embed_dim` with no
+activation so cosine similarities can be negative. Instance or group normalisation suits per-volume
+MRI intensities and batches of one episode. Runs at any input size divisible by 2**depth (128, 256, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+NORMS = ("instance", "group", "batch")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Everything that decides the encoder's architecture; saved with its weights."""
+
+    in_channels: int = 1
+    width: int = 16  # channels of the stem; stage i has width * 2**i
+    depth: int = 2  # stride-2 steps including the stem: output stride 2**depth
+    dilated_blocks: int = 2  # extra blocks at the last resolution, dilation 2, 4, 8, ...
+    embed_dim: int = 64
+    norm: str = "instance"
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"EncoderConfig.norm must be one of {NORMS}, got {self.norm!r}")
+        for name in ("in_channels", "width", "depth", "embed_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EncoderConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dilated_blocks < 0:
+            raise ValueError(f"EncoderConfig.dilated_blocks must be >= 0, got {self.dilated_blocks}")
+
+    @property
+    def stride(self) -> int:
+        return 2 ** self.depth
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+def conv_norm_act(cin: int, cout: int, *, norm: str, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
+                         make_norm(norm, cout), nn.ReLU(inplace=True))
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with a shortcut (He et al. 2016); the shortcut projects when shapes change."""
+
+    def __init__(self, cin: int, cout: int, *, norm: str, stride: int = 1, dilation: int = 1) -> None:
+        super().__init__()
+        self.conv1 = conv_norm_act(cin, cout, norm=norm, stride=stride, dilation=dilation)
+        self.conv2 = nn.Sequential(nn.Conv2d(cout, cout, 3, padding=dilation, dilation=dilation, bias=False),
+                                   make_norm(norm, cout))
+        self.shortcut = nn.Identity() if (cin == cout and stride == 1) else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride=stride, bias=False), make_norm(norm, cout))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+class Encoder(nn.Module):
+    """Image `(N, in_channels, H, W)` -> features `(N, embed_dim, H / 2**depth, W / 2**depth)`."""
+
+    def __init__(self, *, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config.width
+        self.stem = conv_norm_act(config.in_channels, c, norm=config.norm, stride=2)
+        self.stages = nn.ModuleList()
+        for i in range(config.depth - 1):
+            self.stages.append(ResidualBlock(c * 2 ** i, c * 2 ** (i + 1), norm=config.norm, stride=2))
+        top = c * 2 ** (config.depth - 1)
+        self.dilated = nn.Sequential(*[ResidualBlock(top, top, norm=config.norm, dilation=2 ** (j + 1))
+                                       for j in range(config.dilated_blocks)])
+        self.head = nn.Conv2d(top, config.embed_dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stride = self.config.stride
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"Encoder input must have shape (N, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[-1] % stride or x.shape[-2] % stride:
+            raise ValueError(f"Encoder input size {tuple(x.shape[-2:])} must be divisible by its stride {stride}")
+        # 1. stride-2 stem: (N, width, H / 2, W / 2)
+        h = self.stem(x)
+        # 2. strided stages: (N, width * 2**depth, H / stride, W / stride)
+        for stage in self.stages:
+            h = stage(h)
+        # 3. dilated blocks widen the receptive field at the same resolution
+        h = self.dilated(h)
+        # 4. linear projection to the embedding: (N, embed_dim, H / stride, W / stride)
+        return self.head(h)
+
+
+def load_encoder_weights(encoder: Encoder, path: str | Path) -> None:
+    """Load a local checkpoint into `encoder`: a bare state dict, or a dict holding one under "encoder".
+
+    The file's architecture must match: a mismatch names the file and the keys that differ.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder checkpoint {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "encoder" in state:
+        state = state["encoder"]
+    if not isinstance(state, dict):
+        raise ValueError(f"encoder checkpoint {path} holds {type(state).__name__}, expected a state dict")
+    try:
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # tensor shapes differ
+        raise ValueError(f"encoder checkpoint {path} does not fit EncoderConfig {asdict(encoder.config)}: "
+                         f"{str(err).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise ValueError(f"encoder checkpoint {path} does not fit EncoderConfig {asdict(encoder.config)}: "
+                         f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")

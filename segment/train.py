@@ -1,0 +1,309 @@
+"""Episodic training of the few-shot segmenters with accelerate: CPU, one GPU, or several processes.
+
+`train` learns a segmenter for one fold from superpixel, supervised (training classes only) and
+external-pair episodes; `finetune` adapts a trained one on a pool of (image, mask) pairs of the novel
+class; `load` rebuilds a model from a checkpoint alone. Each step's episodes come from a generator
+seeded by (seed, step, process), and the learning rate is a function of the step, so a run resumed from
+its last checkpoint retraces the uninterrupted run exactly (on CPU, bit for bit).
+Multi-process on CPU: `torchrun --nproc_per_node 2 script.py` with `cpu=True` in the config (gloo).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from segment.conditional import ConditionalConfig, ConditionalNet
+from segment.encoder import EncoderConfig
+from segment.episodes import (AugmentParams, Augmenter, MixedSampler, PairSampler, SuperpixelSampler,
+                              SupervisedSampler, collate)
+from segment.prototype import PrototypeConfig, PrototypeNet
+from segment.superpixels import SuperpixelParams, superpixels
+
+MODELS = ("prototype", "conditional")
+SETTINGS = (1, 2)
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Model, episode mix and optimisation of one training run; saved in every checkpoint."""
+
+    model: str = "prototype"  # "prototype" | "conditional"
+    width: int = 16  # encoder / segmenter channels at the first level
+    depth: int = 2  # prototype encoder: output stride 2**depth; conditional: U-Net levels + 1
+    dilated_blocks: int = 2
+    embed_dim: int = 64
+    norm: str = "instance"
+    resolution: int = 128
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 1e-4
+    batch: int = 4  # episodes per step (per process)
+    seed: int = 0
+    n_supports: int = 1  # supports per training episode
+    mix_superpixel: float = 1.0  # episode mix weights
+    mix_supervised: float = 0.0
+    mix_pairs: float = 0.5  # used only when extra pairs are given
+    bg_weight: float = 0.1  # cross-entropy weight of background (ALPNet)
+    align_weight: float = 1.0  # PANet prototype-alignment loss (prototype model)
+    augment: bool = True
+    superpixel_scale: float = 100.0
+    checkpoint_every: int = 100
+    cpu: bool = False  # force CPU (and gloo under torchrun)
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"SegmenterConfig.model must be one of {MODELS}, got {self.model!r}")
+        for name in ("width", "depth", "embed_dim", "resolution", "steps", "batch", "n_supports", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SegmenterConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"SegmenterConfig.lr must be > 0, got {self.lr}")
+        if min(self.mix_superpixel, self.mix_supervised, self.mix_pairs) < 0:
+            raise ValueError("SegmenterConfig mix weights must be >= 0, got "
+                             f"{(self.mix_superpixel, self.mix_supervised, self.mix_pairs)}")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> SegmenterConfig:
+        """Build from a dict (TOML table, checkpoint); an unknown key fails and lists the valid ones."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(raw) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown segmenter config key(s) {unknown}; valid keys are {valid}")
+        return cls(**raw)
+
+
+def build_model(config: SegmenterConfig) -> torch.nn.Module:
+    """The untrained network that `config` describes."""
+    if config.model == "prototype":
+        enc = EncoderConfig(width=config.width, depth=config.depth, dilated_blocks=config.dilated_blocks,
+                            embed_dim=config.embed_dim, norm=config.norm)
+        kernel = max(1, (config.resolution // enc.stride) // 8)  # ALPNet: an 8 x 8 grid of local cells
+        return PrototypeNet(config=PrototypeConfig(encoder=enc, resolution=config.resolution, local_kernel=kernel,
+                                                   align=config.align_weight > 0))
+    return ConditionalNet(config=ConditionalConfig(resolution=config.resolution, width=config.width,
+                                                   cond_width=max(4, config.width // 2), levels=config.depth + 1,
+                                                   norm=config.norm))
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, config: SegmenterConfig, **extra) -> None:
+    """Write config + weights (+ extra) atomically: a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"config": asdict(config), "state_dict": model.state_dict(), **extra}, tmp)
+    os.replace(tmp, path)
+
+
+def load(checkpoint: str | Path) -> torch.nn.Module:
+    """Rebuild the model of `checkpoint` from the config it carries; returned in eval mode on CPU."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"segmenter checkpoint {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "config" not in state or "state_dict" not in state:
+        raise ValueError(f"{path} is not a segmenter checkpoint: expected keys 'config' and 'state_dict'")
+    model = build_model(SegmenterConfig.from_dict(state["config"]))
+    model.load_state_dict(state["state_dict"])
+    return model.eval()
+
+
+def learning_rate(config: SegmenterConfig, step: int, steps: int, lr: float) -> float:
+    """Linear warm-up, then cosine decay to 5 % (a pure function of the step, so resume is exact)."""
+    if step < config.warmup:
+        return lr * (step + 1) / config.warmup
+    t = (step - config.warmup) / max(1, steps - config.warmup)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def episode_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], config: SegmenterConfig) -> torch.Tensor:
+    """Weighted cross-entropy on the queries plus the model's auxiliary (alignment) loss."""
+    support_images, support_masks, query_images, query_masks = batch
+    logits, aux = model(support_images, support_masks, query_images)  # (B, Q, 2, H, W)
+    weight = torch.tensor([config.bg_weight, 1.0], device=logits.device)
+    ce = F.cross_entropy(logits.flatten(0, 1), query_masks.flatten(0, 1)[:, 0].round().long(), weight=weight)
+    return ce + config.align_weight * aux
+
+
+def _fit(model: torch.nn.Module, sampler, config: SegmenterConfig, out_dir: Path, *, steps: int, lr: float,
+         meta: dict, stop_at: int | None, desc: str) -> Path:
+    """The training loop shared by `train` and `finetune`; returns the final checkpoint path."""
+    final, last = out_dir / "model.pt", out_dir / "last.pt"
+    _check_same_run(out_dir, meta)
+    if final.is_file():  # finished before: the checkpoint is the result
+        return final
+    accelerator = Accelerator(cpu=config.cpu)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+    start = 0
+    # 1. resume: weights, optimiser moments and the step of the last checkpoint
+    if last.is_file():
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    end = steps if stop_at is None else min(steps, stop_at)
+    bar = tqdm(range(start, end), initial=start, total=steps, desc=desc, unit="step",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    t0 = time.time()
+    for step in bar:
+        # 2. this step's episodes: a pure function of (seed, step, process)
+        rng = np.random.default_rng([config.seed, step, accelerator.process_index])
+        batch = tuple(t.to(accelerator.device) for t in collate([sampler.sample(rng) for _ in range(config.batch)]))
+        # 3. learning rate from the step alone
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step, steps, lr)
+        # 4. loss, backward (all-reduced across processes), clipped update
+        loss = episode_loss(model, batch, config)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+        # 5. periodic resumable checkpoint, written by the main process only
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(last, accelerator.unwrap_model(model), config, step=step + 1,
+                                optimizer=optimizer.state_dict(), meta=meta)
+    accelerator.wait_for_everyone()
+    if end < steps:  # stopped early on purpose: `last.pt` resumes it
+        return last
+    # 6. final checkpoint: config + weights + what produced them
+    if accelerator.is_main_process:
+        save_checkpoint(final, accelerator.unwrap_model(model), config, step=steps,
+                        meta={**meta, "seconds_this_run": round(time.time() - t0, 1),
+                              "processes": accelerator.num_processes, "device": str(accelerator.device)})
+        (out_dir / "config.json").write_text(json.dumps({"config": asdict(config), **meta}, indent=2))
+        last.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _check_resumable(out_dir: Path, config: SegmenterConfig) -> None:
+    """Refuse to resume or reuse a checkpoint in `out_dir` that another config wrote."""
+    for name in ("model.pt", "last.pt"):
+        path = out_dir / name
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
+            if saved != asdict(config):
+                diff = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v}
+                raise ValueError(f"{path} was written by another config (saved vs now: {diff}); "
+                                 "use a fresh out_dir or delete it")
+
+
+def _check_same_run(out_dir: Path, meta: dict) -> None:
+    """Refuse to resume or reuse a checkpoint of another fold, data set, class split or setting."""
+    for name in ("model.pt", "last.pt"):
+        path = out_dir / name
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
+            diff = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
+            if diff:
+                raise ValueError(f"{path} was written for another run (saved vs now: {diff}); "
+                                 "use a fresh out_dir or delete it")
+
+
+def training_sampler(config: SegmenterConfig, data, fold, *, test_class_ids: tuple[int, ...], setting: int,
+                     extra_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     cache_dir: str | Path | None = None) -> MixedSampler:
+    """The episode mix of one fold: only the fold's training volumes, never a test-class label.
+
+    Setting 1 relabels the excluded classes as background; Setting 2 also drops every slice holding
+    any class of the excluded group (OR rule), from the supervised and the superpixel episodes alike.
+    """
+    from segment.protocol import excluded_class_ids, mask_out_classes, training_slice_mask
+
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+    names = data.spec.classes
+    bad = [c for c in test_class_ids if not 1 <= c <= len(names)]
+    if bad:
+        raise ValueError(f"test_class_ids {bad} are not class ids of {data.spec.name!r} (1..{len(names)})")
+    excluded = tuple(sorted({e for c in test_class_ids for e in excluded_class_ids(data.spec, names[c - 1], setting)}))
+    augment = Augmenter(AugmentParams() if config.augment else None)
+    images, labels, allowed = {}, {}, {}
+    for vid in fold.train:
+        vol = data.volume(vid)
+        images[vid] = vol.images
+        labels[vid] = mask_out_classes(vol.labels, excluded)
+        allowed[vid] = training_slice_mask(vol.labels, excluded, setting)
+    sources: dict[str, tuple[object, float]] = {}
+    if config.mix_superpixel > 0:
+        cache = Path(cache_dir) if cache_dir is not None else data.path.parent.parent
+        segs = superpixels(data, params=SuperpixelParams(scale=config.superpixel_scale), cache_dir=cache,
+                           volume_ids=fold.train)
+        segs = {vid: np.where(allowed[vid][:, None, None], s, 0) for vid, s in segs.items()}
+        sources["superpixel"] = (SuperpixelSampler(images, segs, augment=augment, n_supports=config.n_supports),
+                                 config.mix_superpixel)
+    train_classes = tuple(c for c in range(1, len(names) + 1) if c not in excluded)
+    if config.mix_supervised > 0 and train_classes:
+        sources["supervised"] = (SupervisedSampler(images, labels, train_classes, augment=augment, allowed=allowed,
+                                                   n_supports=config.n_supports), config.mix_supervised)
+    if extra_pairs is not None:
+        sources["pairs"] = (PairSampler(*extra_pairs, augment=augment, n_supports=config.n_supports),
+                            config.mix_pairs)
+    return MixedSampler(sources)
+
+
+def train(config: SegmenterConfig, data, fold, *, test_class_ids: tuple[int, ...], setting: int,
+          out_dir: str | Path, extra_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+          cache_dir: str | Path | None = None, stop_at: int | None = None) -> Path:
+    """Train a segmenter for `fold` (a `protocol.Fold`) of `data` (a `PreparedData`); returns `model.pt`.
+
+    Uses only `fold.train` volumes; labels of `test_class_ids` (Setting 1) or of their groups (Setting 2)
+    are never used. `extra_pairs` = (images (N, 1, H, W), masks (N, 1, H, W)) are mixed in with weight
+    `mix_pairs`. Re-running with the same `out_dir` resumes from `last.pt`; `stop_at` ends the run after
+    that step with a resumable checkpoint (time-sliced runs, tests).
+    """
+    out_dir = Path(out_dir)
+    if data.resolution != config.resolution:
+        raise ValueError(f"data are prepared at resolution {data.resolution} but the config says "
+                         f"{config.resolution}; prepare the data at the config's resolution")
+    _check_resumable(out_dir, config)
+    sampler = training_sampler(config, data, fold, test_class_ids=tuple(test_class_ids), setting=setting,
+                               extra_pairs=extra_pairs, cache_dir=cache_dir)
+    torch.manual_seed(config.seed)
+    model = build_model(config)
+    meta = {"stage": "train", "dataset": data.spec.name, "data_key": data.key, "fold": fold.index,
+            "train_volumes": list(fold.train), "test_class_ids": list(test_class_ids), "setting": setting,
+            "episode_sources": list(sampler.names), "extra_pairs": 0 if extra_pairs is None else len(extra_pairs[0])}
+    return _fit(model, sampler, config, out_dir, steps=config.steps, lr=config.lr, meta=meta, stop_at=stop_at,
+                desc=f"train {config.model} fold {fold.index}")
+
+
+def finetune(checkpoint: str | Path, images: torch.Tensor, masks: torch.Tensor, *, out_dir: str | Path,
+             steps: int = 300, lr: float | None = None, seed: int | None = None, batch: int | None = None,
+             stop_at: int | None = None) -> Path:
+    """Adapt a trained segmenter to a novel class from a pool of its (image, mask) pairs `(N, 1, H, W)`.
+
+    The pool holds the real supports plus any synthetic pairs; each episode takes a support and a query
+    from it, both augmented. Returns the fine-tuned `model.pt` (same config, `steps` replaced).
+    """
+    state = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
+    base = SegmenterConfig.from_dict(state["config"])
+    config = SegmenterConfig.from_dict({**asdict(base), "steps": steps, "lr": lr or base.lr / 5,
+                                        "seed": base.seed if seed is None else seed, "batch": batch or base.batch,
+                                        "warmup": min(base.warmup, max(1, steps // 10)),
+                                        "checkpoint_every": min(base.checkpoint_every, steps)})
+    out_dir = Path(out_dir)
+    _check_resumable(out_dir, config)
+    sampler = MixedSampler({"pairs": (PairSampler(images, masks, augment=Augmenter(AugmentParams() if config.augment
+                                                                                    else None),
+                                                  n_supports=config.n_supports, name="finetune pool"), 1.0)})
+    model = build_model(config)
+    model.load_state_dict(state["state_dict"])
+    meta = {"stage": "finetune", "base_checkpoint": str(checkpoint), "pool_size": int(images.shape[0])}
+    return _fit(model, sampler, config, out_dir, steps=steps, lr=config.lr, meta=meta, stop_at=stop_at,
+                desc=f"finetune {config.model}")

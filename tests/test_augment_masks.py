@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from augment.masks import DeformConfig, classical_pairs, deform_masks, mask_problem
+from augment.pairs import PairError
+from augment_helpers import ellipse_masks, images_for
+
+RES = 64
+
+
+def test_deformed_masks_are_binary_plausible_and_unshredded():
+    src = ellipse_masks(3, RES, seed=1)
+    cfg = DeformConfig()
+    out, source = deform_masks(src, 12, config=cfg, seed=0)
+    assert out.shape == (12, 1, RES, RES)
+    assert list(source) == [0, 1, 2] * 4
+    assert set(torch.unique(out).tolist()) == {0.0, 1.0}
+    for k, s in enumerate(source):
+        ratio = out[k].sum().item() / src[s].sum()
+        assert cfg.min_area_ratio <= ratio <= cfg.max_area_ratio
+        assert ndimage.label(out[k, 0].numpy())[1] == 1
+    assert not torch.equal(out[0], torch.from_numpy(src[0]))  # actually deformed
+
+
+def test_deformation_is_seeded():
+    src = ellipse_masks(2, RES)
+    a, _ = deform_masks(src, 4, seed=3)
+    b, _ = deform_masks(src, 4, seed=3)
+    c, _ = deform_masks(src, 4, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_classical_pairs_move_image_and_mask_together():
+    masks = ellipse_masks(2, RES, seed=2)
+    images = masks * 3.0 + 1.0  # image is a function of the mask, so they must stay aligned
+    out_i, out_m, source = classical_pairs(images, masks, 6, seed=0)
+    assert out_i.shape == out_m.shape == (6, 1, RES, RES)
+    agreement = ((out_i > 2.5).float() == out_m).float().mean()
+    assert agreement > 0.98
+    # the outside of the field of view is filled with the image minimum, not 0
+    assert out_i.min() >= 1.0 - 1e-4
+
+
+def test_mask_problem_flags_empty_area_and_fragments():
+    cfg = DeformConfig()
+    src = np.zeros((RES, RES), np.uint8)
+    src[20:40, 20:40] = 1
+    assert mask_problem(np.zeros_like(src), src, cfg) == "empty"
+    small = np.zeros_like(src)
+    small[20:25, 20:25] = 1
+    assert "area ratio" in mask_problem(small, src, cfg)
+    shredded = src.copy()
+    shredded[50:52, 50:52] = 1
+    assert "shredded" in mask_problem(shredded, src, cfg)
+    assert mask_problem(src, src, cfg) is None
+
+
+def test_impossible_deformation_raises():
+    cfg = DeformConfig(min_area_ratio=0.999, max_area_ratio=1.001, max_tries=2)
+    with pytest.raises(PairError, match="could not deform source mask 0"):
+        deform_masks(ellipse_masks(1, RES), 2, config=cfg, seed=0)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("empty", "empty"), ("full", "all foreground"), ("nonbinary", "binary"), ("zero", "0 masks")])
+def test_bad_masks_raise(bad, match):
+    masks = ellipse_masks(2, RES)
+    if bad == "empty":
+        masks[1] = 0
+    elif bad == "full":
+        masks[0] = 1
+    elif bad == "nonbinary":
+        masks[0, 0, 0, 0] = 0.5
+    elif bad == "zero":
+        masks = masks[:0]
+    with pytest.raises(PairError, match=match):
+        deform_masks(masks, 3)
+
+
+def test_classical_rejects_mismatched_and_nan():
+    masks = ellipse_masks(2, RES)
+    images = images_for(masks)
+    with pytest.raises(PairError, match="differ in shape"):
+        classical_pairs(images[:, :, :32, :32], masks, 2)
+    images[0, 0, 3, 3] = np.nan
+    with pytest.raises(PairError, match="NaN"):
+        classical_pairs(images, masks, 2)

@@ -1,0 +1,164 @@
+"""The runner end to end on a tiny phantom experiment: caching, invalidation, kill -9, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+
+TINY = """
+name = "tiny"
+models = ["prototype"]
+[data]
+path = "{data}"
+resolution = 32
+[protocol]
+folds = [0]
+classes = ["liver"]
+seeds = [0]
+[segment]
+width = 8
+embed_dim = 16
+steps = 6
+batch = 2
+[generators.ddpm]
+block_channels = [8, 16]
+norm_groups = 4
+pretrain_steps = 3
+finetune_steps = 2
+batch_size = 2
+sample_steps = 2
+[synthesis]
+n_pairs = {n_pairs}
+finetune_steps = 3
+max_test_supports = 2
+[[arms]]
+name = "real-only"
+[[arms]]
+name = "classical"
+sources = ["classical"]
+[[arms]]
+name = "ddpm"
+sources = ["ddpm"]
+[run]
+out = "{out}"
+cache = "{cache}"
+"""
+
+
+def _config(tmp: Path, data: Path, *, name: str, cache: Path, n_pairs: int = 2) -> Path:
+    path = tmp / f"{name}.toml"
+    path.write_text(TINY.format(data=data, out=tmp / name, cache=cache, n_pairs=n_pairs))
+    return path
+
+
+def _stages(run_dir: Path) -> dict[str, list[bool]]:
+    out: dict[str, list[bool]] = {}
+    for r in json.loads((run_dir / "stages.json").read_text())["records"]:
+        out.setdefault(r["stage"], []).append(r["ran"])
+    return out
+
+
+def _rows(run_dir: Path) -> list[tuple]:
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    return sorted((r["arm"], r["class"], r["query"], round(r["dice"], 6)) for r in rows)
+
+
+@pytest.fixture(scope="module")
+def first_run(phantom_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    cache = tmp / "cache"
+    cfg = _config(tmp, phantom_dir, name="a", cache=cache)
+    assert main(["run", str(cfg)]) == 0
+    return tmp, cache, cfg
+
+
+def test_run_writes_report_figures_and_rows(first_run):
+    tmp, _, _ = first_run
+    out = tmp / "a"
+    for name in ("report.md", "results.json", "run.log", "stages.json", "dice_EP1.png", "pairs_liver.png",
+                 "overlays_prototype_EP1.png"):
+        assert (out / name).is_file(), name
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["arm"] for r in rows} == {"real-only", "classical", "ddpm"}
+    assert {r["query"] for r in rows} == {"1", "2", "3"} and all(0.0 <= r["dice"] <= 1.0 for r in rows)
+    report = (out / "report.md").read_text()
+    assert "## Verdict" in report and "Wilcoxon" in report and "vs" in report
+
+
+def test_second_run_is_all_cached(first_run):
+    tmp, _, cfg = first_run
+    before = _rows(tmp / "a")
+    assert main(["run", str(cfg)]) == 0
+    assert all(not ran for runs in _stages(tmp / "a").values() for ran in runs if ran is not None)
+    assert _rows(tmp / "a") == before
+
+
+def test_config_change_reruns_exactly_the_downstream_stages(first_run, phantom_dir):
+    tmp, cache, _ = first_run
+    cfg = _config(tmp, phantom_dir, name="b", cache=cache, n_pairs=3)  # more synthetic pairs, same cache
+    assert main(["run", str(cfg)]) == 0
+    stages = _stages(tmp / "b")
+    for cached in ("superpixels", "generator-pretrain", "generator", "segmenter"):
+        assert not any(stages[cached]), cached
+    assert all(stages["synthesis"]) and len(stages["synthesis"]) == 2  # classical and ddpm
+    assert stages["finetune"].count(True) == 2 and stages["finetune"].count(False) == 1  # real-only cached
+    assert stages["evaluate"].count(True) == 2 and stages["evaluate"].count(False) == 1
+    assert stages["report"] == [True]
+
+
+def test_killed_run_reruns_to_the_same_results(first_run, phantom_dir, tmp_path):
+    reference, _, _ = first_run
+    cfg = _config(tmp_path, phantom_dir, name="k", cache=tmp_path / "cache")
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", str(cfg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
+    deadline = time.time() + 300
+    while not list((tmp_path / "cache" / "stages").glob("segmenter/.tmp-*")):  # mid-stage: segmenter training
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the segmenter stage"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list((tmp_path / "cache" / "stages").glob("segmenter/*/stage.json"))
+    assert main(["run", str(cfg)]) == 0
+    stages = _stages(tmp_path / "k")
+    assert not any(stages["generator"]) and all(stages["segmenter"])  # done before the kill / redone after
+    assert _rows(tmp_path / "k") == _rows(reference / "a")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("[run]", "[run]\ncolour = 1"), r"\[run\] unknown key\(s\) \['colour'\]"),
+    (lambda t: t.replace('sources = ["ddpm"]', 'sources = ["vae"]'), r"arm 'ddpm' names unknown generator 'vae'"),
+    (lambda t: t.replace('classes = ["liver"]', 'classes = ["pancreas"]'), r"classes: \['pancreas'\] are not classes"),
+    (lambda t: t.replace("steps = 6", "stepz = 6"), r"\[segment\] unknown key\(s\) \['stepz'\]"),
+])
+def test_bad_config_exits_2_with_one_line_and_writes_nothing(phantom_dir, tmp_path, capsys, edit, message):
+    cfg = _config(tmp_path, phantom_dir, name="bad", cache=tmp_path / "cache")
+    cfg.write_text(edit(cfg.read_text()))
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("supportforge: error:")
+    import re
+    assert re.search(message, err[0])
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "bad").exists()
+
+
+def test_missing_data_folder_exits_2(phantom_dir, tmp_path, capsys):
+    cfg = _config(tmp_path, tmp_path / "no_such_data", name="bad", cache=tmp_path / "cache")
+    assert main(["run", str(cfg)]) == 2
+    assert "no_such_data does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cache_ls_and_gc(first_run, capsys):
+    _, cache, _ = first_run
+    assert main(["cache", "ls", "--cache", str(cache)]) == 0
+    listing = capsys.readouterr().out
+    assert "segmenter" in listing and "entries" in listing

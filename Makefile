@@ -18,9 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/supportforge phantom .cache/phantom
-	$(BIN)/supportforge prepare .cache/phantom
-	$(BIN)/supportforge evaluate .cache/phantom --predictor oracle --out runs/demo/oracle.json
+	$(BIN)/supportforge run configs/demo.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

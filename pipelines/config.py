@@ -61,7 +61,8 @@ class SynthesisConfig:
     in_training: bool = True  # fine-tune on the novel class's enlarged support pool
     finetune_steps: int = 100  # the same for every arm, real-only included
     at_test: bool = True  # add the pairs to the support set at test time
-    max_test_supports: int = 8  # synthetic pairs added at test time, at most
+    max_test_supports: int = 8  # synthetic pairs of each source added at test time, at most
+    filter_dice: float = 0.0  # keep only pairs whose mask the real-data segmenter recovers with this Dice (0: all)
 
     def __post_init__(self) -> None:
         if self.n_pairs < 1:

@@ -19,11 +19,10 @@ import numpy as np  # noqa: E402
 from pipelines.stats import ALL  # noqa: E402
 
 
-def dice_chart(summary: list[dict], protocol: str, path: Path) -> None:
-    """Grouped bars: one panel per model, classes on the x axis, one bar per arm with its spread."""
+def dice_chart(summary: list[dict], protocol: str, path: Path, *, arms: list[str]) -> None:
+    """Grouped bars: one panel per model, classes on the x axis, one bar per arm (config order) with its spread."""
     rows = [r for r in summary if r["protocol"] == protocol]
     models = sorted({r["model"] for r in rows})
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
     classes = [c for c in dict.fromkeys(r["class"] for r in rows) if c != ALL] + [ALL]
     fig, axes = plt.subplots(1, len(models), figsize=(1.2 + 1.1 * len(classes) * len(models) + 2, 3.6), squeeze=False)
     width = 0.8 / max(len(arms), 1)
@@ -43,12 +42,12 @@ def dice_chart(summary: list[dict], protocol: str, path: Path) -> None:
     plt.close(fig)
 
 
-def overlay_figure(panels: list[dict], path: Path) -> None:
-    """Rows of query slices: image with the ground truth (green) and the prediction (red) outlined."""
+def overlay_figure(panels: list[dict], path: Path, *, cols: int) -> None:
+    """A grid of query slices (a row per arm, a column per class): truth outlined green, prediction red."""
     n = len(panels)
     if not n:
         return
-    cols = min(n, 6)
+    cols = max(1, min(n, cols))
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
     for ax in axes.ravel():

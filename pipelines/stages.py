@@ -20,13 +20,15 @@ from augment import ddpm, gan
 from augment.manifest import Provenance, refs
 from augment.masks import DeformConfig
 from augment.training import CHECKPOINT_FILE
+from augment.quality import mask_consistency
 from augment.synthesis import classical_set, load_set, save_grid, save_set, synthesize, validate_manifest
 from pipelines import report
 from pipelines.config import CLASSICAL, ExperimentConfig, as_dict
 from pipelines.stats import paired_tests, summarise
 from segment import train as seg_train
 from segment.predict import make_predictor
-from segment.protocol import Fold, ep1_support_indices, evaluate, excluded_class_ids, training_slice_mask
+from segment.protocol import (Fold, ep1_support_indices, evaluate, excluded_class_ids, make_folds,
+                              training_slice_mask)
 from segment.slices import PreparedData
 from segment.superpixels import SuperpixelParams, superpixels
 
@@ -169,27 +171,41 @@ def segmenter_stage(cfg, data, fold, seed, model, excluded, sp_key, runner) -> t
                    "setting": cfg.protocol.setting}, {"data": data.key, "superpixels": sp_key}, produce)
 
 
-def _pool(data, fold, class_name, synth: dict[str, tuple[Path, str]], limit: int | None = None):
-    """Real support pairs of a class plus the synthetic pairs of the given sources: (N, 1, R, R) each."""
-    images, masks, _ = support_pairs(data, fold, class_name)
-    parts_i, parts_m = [images], [masks]
-    for path, _ in synth.values():
-        syn = load_set(path / "set")
-        parts_i.append(syn.images[:limit])
-        parts_m.append(syn.masks[:limit])
-    return torch.cat(parts_i), torch.cat(parts_m)
+def synthetic_pairs(data, fold, class_name, synth: dict[str, tuple[Path, str]], *, base_model: Path | None,
+                    min_dice: float, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The arm's synthetic pairs of a class, (N, 1, R, R) each, at most `limit` per source.
+
+    With `min_dice` > 0, only pairs on which the base segmenter, given the real supports alone, recovers the
+    intended mask with at least that Dice are kept (the mask-consistency filter of the literature).
+    """
+    images = [load_set(path / "set").images[:limit] for path, _ in synth.values()]
+    masks = [load_set(path / "set").masks[:limit] for path, _ in synth.values()]
+    if not images:
+        return torch.empty(0, 1, data.resolution, data.resolution), torch.empty(0, 1, data.resolution, data.resolution)
+    images, masks = torch.cat(images), torch.cat(masks)
+    if min_dice > 0 and base_model is not None:
+        real_i, real_m, _ = support_pairs(data, fold, class_name)
+        scores = mask_consistency(make_predictor(seg_train.load(base_model)), real_i, real_m, images, masks)
+        keep = torch.tensor([d >= min_dice for d in scores["per_pair"]])
+        images, masks = images[keep], masks[keep]
+    return images, masks
 
 
 def finetune_stage(cfg, data, fold, seed, base, class_name, synth, runner, label) -> tuple[Path, str]:
     """Fine-tune the base segmenter on the class's pool: real supports plus the arm's synthetic pairs."""
+    base_model = base[0] / "model.pt"
 
     def produce(folder: Path) -> None:
-        images, masks = _pool(data, fold, class_name, synth)
-        seg_train.finetune(base[0] / "model.pt", images, masks, out_dir=folder, steps=cfg.synthesis.finetune_steps,
-                           seed=seed)
+        real_i, real_m, _ = support_pairs(data, fold, class_name)
+        syn_i, syn_m = synthetic_pairs(data, fold, class_name, synth, base_model=base_model,
+                                       min_dice=cfg.synthesis.filter_dice)
+        (folder / "pool.json").write_text(json.dumps({"real": len(real_i), "synthetic": len(syn_i)}))
+        seg_train.finetune(base_model, torch.cat([real_i, syn_i]), torch.cat([real_m, syn_m]), out_dir=folder,
+                           steps=cfg.synthesis.finetune_steps, seed=seed)
 
-    return runner("finetune", label, {"class": class_name, "steps": cfg.synthesis.finetune_steps, "seed": seed},
-                  {"base": base[1], **{s: k for s, (_, k) in synth.items()}}, produce)
+    config = {"class": class_name, "steps": cfg.synthesis.finetune_steps, "seed": seed,
+              "filter_dice": cfg.synthesis.filter_dice}
+    return runner("finetune", label, config, {"base": base[1], **{s: k for s, (_, k) in synth.items()}}, produce)
 
 
 def _overlay_hook(keep: list[dict], n_slices: int, wanted_query: dict[str, str], data: PreparedData):
@@ -207,16 +223,18 @@ def _overlay_hook(keep: list[dict], n_slices: int, wanted_query: dict[str, str],
     return hook
 
 
-def evaluate_stage(cfg, data, fold, seed, model, arm, protocol, tuned, synth, classes, runner) -> tuple[Path, str]:
+def evaluate_stage(cfg, data, fold, seed, model, arm, protocol, tuned, bases, synth, classes,
+                   runner) -> tuple[Path, str]:
     """Score one (model, arm) under one protocol; extra test-time supports come from the arm's pairs."""
     at_test = cfg.synthesis.at_test and any(synth.values())
 
     def predictor_for(fold_: Fold, class_name: str):
         net = seg_train.load(tuned[class_name][0] / "model.pt")
         extra = None
-        if at_test:
-            images, masks = _pool(data, fold_, class_name, synth[class_name], limit=cfg.synthesis.max_test_supports)
-            extra = (images[3:], masks[3:])  # the protocol passes the real support slices itself
+        if at_test:  # the protocol passes the real support slices itself
+            extra = synthetic_pairs(data, fold_, class_name, synth[class_name], limit=cfg.synthesis.max_test_supports,
+                                    base_model=bases[class_name][0] / "model.pt", min_dice=cfg.synthesis.filter_dice)
+            extra = extra if len(extra[0]) else None
         return make_predictor(net, extra_supports=extra, postprocess=cfg.protocol.postprocess)
 
     def produce(folder: Path) -> None:
@@ -233,9 +251,11 @@ def evaluate_stage(cfg, data, fold, seed, model, arm, protocol, tuned, synth, cl
                                                           for p in panels]))
 
     inputs = {"data": data.key, **{f"tuned/{c}": k for c, (_, k) in tuned.items()},
-              **({f"synth/{c}/{s}": k for c, per in synth.items() for s, (_, k) in per.items()} if at_test else {})}
+              **({f"synth/{c}/{s}": k for c, per in synth.items() for s, (_, k) in per.items()} if at_test else {}),
+              **({f"base/{c}": k for c, (_, k) in bases.items()} if at_test and cfg.synthesis.filter_dice > 0 else {})}
     config = {"protocol": protocol, "classes": list(classes), "at_test": at_test,
               "max_test_supports": cfg.synthesis.max_test_supports, "postprocess": cfg.protocol.postprocess,
+              "filter_dice": cfg.synthesis.filter_dice if at_test else 0.0,
               "overlays": cfg.run.overlays}
     label = f"{model} {arm.name} {protocol} fold{fold.index} s{seed}"
     return runner("evaluate", label, config, inputs, produce)
@@ -262,17 +282,20 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
                                         f"{model} {arm.name} fold{fold.index} s{seed} {c}")
                          if cfg.synthesis.in_training else bases[excl[c]]) for c in classes}
             for protocol in cfg.protocol.protocols:
-                path, key = evaluate_stage(cfg, data, fold, seed, model, arm, protocol, tuned, arm_synth, classes,
-                                           runner)
+                path, key = evaluate_stage(cfg, data, fold, seed, model, arm, protocol, tuned,
+                                           {c: bases[excl[c]] for c in classes}, arm_synth, classes, runner)
                 rows += json.loads((path / "rows.json").read_text())["rows"]
-                evals.append({"model": model, "arm": arm.name, "protocol": protocol, "path": str(path), "key": key})
+                evals.append({"model": model, "arm": arm.name, "protocol": protocol, "path": str(path), "key": key,
+                              "fold": fold.index, "seed": seed})
     return rows, {"synth": {f"{s}|{c}": str(p) for (s, c), (p, _) in synth.items()}, "evals": evals,
                   "fold": fold.index, "seed": seed}
 
 
 def _overlay_panels(evals: list[dict], model: str, protocol: str) -> list[dict]:
+    """Overlay panels of the first (fold, seed) unit: one row per arm, one panel per class and slice."""
     panels = []
-    for e in (e for e in evals if e["model"] == model and e["protocol"] == protocol):
+    first = (evals[0]["fold"], evals[0]["seed"]) if evals else None
+    for e in (e for e in evals if e["model"] == model and e["protocol"] == protocol and (e["fold"], e["seed"]) == first):
         meta = json.loads((Path(e["path"]) / "overlays.json").read_text())
         with np.load(Path(e["path"]) / "overlays.npz") as z:
             for i, m in enumerate(meta):
@@ -291,17 +314,21 @@ def report_stage(cfg: ExperimentConfig, data: PreparedData, rows: list[dict], ex
         summary, tests = summarise(rows), paired_tests(rows, baseline=BASELINE)
         if any(r["arm"] == CLASSICAL for r in rows):  # generators against the classical control, separately
             tests += paired_tests([r for r in rows if r["arm"] != BASELINE], baseline=CLASSICAL)
+        order = {a.name: i for i, a in enumerate(cfg.arms)}
+        summary.sort(key=lambda r: (r["protocol"], r["model"], order[r["arm"]]))
+        tests.sort(key=lambda r: (r["protocol"], r["baseline"] != BASELINE, r["model"], order[r["arm"]]))
         figures = {}
         for protocol in cfg.protocol.protocols:
             name = f"dice_{protocol}.png"
-            report.dice_chart(summary, protocol, folder / name)
+            report.dice_chart(summary, protocol, folder / name, arms=[a.name for a in cfg.arms])
             figures[f"Dice per arm, model and class ({protocol})"] = name
             for model in cfg.models:
                 name = f"overlays_{model}_{protocol}.png"
-                report.overlay_figure(_overlay_panels(evals, model, protocol), folder / name)
+                report.overlay_figure(_overlay_panels(evals, model, protocol), folder / name,
+                                      cols=len(rows_classes(rows)) * cfg.run.overlays)
                 figures[f"Query overlays, {model}, {protocol}: truth green, prediction red"] = name
         for c in dict.fromkeys(k.split("|")[1] for k in synth):
-            images, masks, _ = support_pairs(data, data_fold(data, extras[0]["fold"]), c)
+            images, masks, _ = support_pairs(data, make_folds(data.ids, data.spec.n_folds)[extras[0]["fold"]], c)
             grid = {"real supports": (images, masks)}
             grid |= {s: load_set(Path(p) / "set") for s_c, p in synth.items() for s in [s_c.split("|")[0]]
                      if s_c.endswith(f"|{c}")}
@@ -319,9 +346,8 @@ def report_stage(cfg: ExperimentConfig, data: PreparedData, rows: list[dict], ex
     return path
 
 
-def data_fold(data: PreparedData, index: int) -> Fold:
-    from segment.protocol import make_folds
-    return make_folds(data.ids, data.spec.n_folds)[index]
+def rows_classes(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["class"] for r in rows))
 
 
 def _versions() -> dict:

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from segment.conditional import ConditionalConfig, ConditionalNet
-from segment.encoder import EncoderConfig
+from segment.encoder import EncoderConfig, load_encoder_weights
 from segment.episodes import (AugmentParams, Augmenter, MixedSampler, PairSampler, SuperpixelSampler,
                               SupervisedSampler, collate)
 from segment.prototype import PrototypeConfig, PrototypeNet
@@ -61,6 +61,7 @@ class SegmenterConfig:
     superpixel_scale: float = 100.0
     checkpoint_every: int = 100
     cpu: bool = False  # force CPU (and gloo under torchrun)
+    encoder_init: str = ""  # optional local encoder checkpoint to start from (prototype model)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -196,8 +197,8 @@ def _check_resumable(out_dir: Path, config: SegmenterConfig) -> None:
     for name in ("model.pt", "last.pt"):
         path = out_dir / name
         if path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
-            if saved != asdict(config):
+            saved = asdict(SegmenterConfig.from_dict(torch.load(path, map_location="cpu", weights_only=True)["config"]))
+            if saved != asdict(config):  # compared with defaults filled in, so older checkpoints still match
                 diff = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v}
                 raise ValueError(f"{path} was written by another config (saved vs now: {diff}); "
                                  "use a fresh out_dir or delete it")
@@ -276,6 +277,10 @@ def train(config: SegmenterConfig, data, fold, *, test_class_ids: tuple[int, ...
                                extra_pairs=extra_pairs, cache_dir=cache_dir)
     torch.manual_seed(config.seed)
     model = build_model(config)
+    if config.encoder_init:
+        if not hasattr(model, "encoder"):
+            raise ValueError(f"encoder_init={config.encoder_init!r} needs the prototype model, got {config.model!r}")
+        load_encoder_weights(model.encoder, config.encoder_init)
     meta = {"stage": "train", "dataset": data.spec.name, "data_key": data.key, "fold": fold.index,
             "train_volumes": list(fold.train), "test_class_ids": list(test_class_ids), "setting": setting,
             "episode_sources": list(sampler.names), "extra_pairs": 0 if extra_pairs is None else len(extra_pairs[0])}

@@ -162,3 +162,19 @@ def test_cache_ls_and_gc(first_run, capsys):
     assert main(["cache", "ls", "--cache", str(cache)]) == 0
     listing = capsys.readouterr().out
     assert "segmenter" in listing and "entries" in listing
+
+
+def test_mask_consistency_filter_keeps_only_pairs_the_real_segmenter_recovers(first_run, phantom_data):
+    _, cache, _ = first_run
+    from pipelines.stages import synthetic_pairs
+    from segment.protocol import make_folds
+    # the first run was at resolution 32 on the same phantom, like the session's prepared data
+    fold = make_folds(phantom_data.ids, phantom_data.spec.n_folds)[0]
+    base = next((cache / "stages" / "segmenter").glob("*/model.pt"))
+    synth = {"classical": (next(p.parent for p in (cache / "stages" / "synthesis").glob("*/set")
+                                if '"classical"' in (p.parent / "stage.json").read_text()), "k")}
+    everything = synthetic_pairs(phantom_data, fold, "liver", synth, base_model=base, min_dice=0.0)
+    none = synthetic_pairs(phantom_data, fold, "liver", synth, base_model=base, min_dice=1.01)
+    some = synthetic_pairs(phantom_data, fold, "liver", synth, base_model=base, min_dice=0.05)
+    assert len(everything[0]) == 2 and len(none[0]) == 0 and len(some[0]) <= 2
+    assert everything[0].shape[1:] == (1, 32, 32)

@@ -106,7 +106,7 @@ def test_finetune_on_a_pool_of_novel_class_pairs(phantom_data, fold, tmp_path):
 
 def test_two_gloo_processes_under_torchrun(phantom_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "segment_ddp_worker.py"), str(phantom_dir), str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -114,3 +114,16 @@ def test_two_gloo_processes_under_torchrun(phantom_dir, tmp_path):
     assert ranks == [0, 1]
     state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert state["meta"]["processes"] == 2 and state["step"] == 4
+
+
+def test_training_can_start_from_a_local_encoder_checkpoint(phantom_data, fold, tmp_path):
+    base = train(CFG, phantom_data, fold, test_class_ids=(1,), setting=1, out_dir=tmp_path / "base")
+    encoder = {k.removeprefix("encoder."): v for k, v in weights(base).items() if k.startswith("encoder.")}
+    torch.save({"encoder": encoder}, tmp_path / "enc.pt")
+    cfg = replace(CFG, steps=1, lr=1e-9, warmup=1, encoder_init=str(tmp_path / "enc.pt"))
+    tuned = weights(train(cfg, phantom_data, fold, test_class_ids=(1,), setting=1, out_dir=tmp_path / "init"))
+    assert torch.allclose(tuned["encoder.head.weight"], encoder["head.weight"], atol=1e-6)
+    with pytest.raises(ValueError, match="needs the prototype model"):
+        train(replace(cfg, model="conditional"), phantom_data, fold, test_class_ids=(1,), setting=1,
+              out_dir=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

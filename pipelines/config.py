@@ -71,10 +71,21 @@ class SynthesisConfig:
 
 @dataclass(frozen=True)
 class Arm:
-    """One arm of the ablation: a name and the sources of synthetic pairs it adds to the real supports."""
+    """One arm of the ablation: a named override of the base config. It names the sources of synthetic
+    pairs it adds to the real supports and may override how they enter (unset fields keep [synthesis])."""
 
     name: str
     sources: tuple[str, ...] = ()
+    filter_dice: float | None = None
+    in_training: bool | None = None
+    at_test: bool | None = None
+    max_test_supports: int | None = None
+
+    def synthesis(self, base: SynthesisConfig) -> SynthesisConfig:
+        """The [synthesis] settings this arm runs with."""
+        overrides = {k: getattr(self, k) for k in ("filter_dice", "in_training", "at_test", "max_test_supports")
+                     if getattr(self, k) is not None}
+        return dataclasses.replace(base, **overrides)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -277,12 +278,13 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
     for model in cfg.models:
         bases = {e: segmenter_stage(cfg, data, fold, seed, model, e, sp_key, runner) for e in sorted(set(excl.values()))}
         for arm in cfg.arms:
+            acfg = replace(cfg, synthesis=arm.synthesis(cfg.synthesis))  # the arm's named overrides
             arm_synth = {c: {s: synth[s, c] for s in arm.sources} for c in classes}
-            tuned = {c: (finetune_stage(cfg, data, fold, seed, bases[excl[c]], c, arm_synth[c], runner,
+            tuned = {c: (finetune_stage(acfg, data, fold, seed, bases[excl[c]], c, arm_synth[c], runner,
                                         f"{model} {arm.name} fold{fold.index} s{seed} {c}")
-                         if cfg.synthesis.in_training else bases[excl[c]]) for c in classes}
+                         if acfg.synthesis.in_training else bases[excl[c]]) for c in classes}
             for protocol in cfg.protocol.protocols:
-                path, key = evaluate_stage(cfg, data, fold, seed, model, arm, protocol, tuned,
+                path, key = evaluate_stage(acfg, data, fold, seed, model, arm, protocol, tuned,
                                            {c: bases[excl[c]] for c in classes}, arm_synth, classes, runner)
                 rows += json.loads((path / "rows.json").read_text())["rows"]
                 evals.append({"model": model, "arm": arm.name, "protocol": protocol, "path": str(path), "key": key,

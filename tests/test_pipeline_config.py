@@ -38,3 +38,14 @@ def test_parse_gives_typed_frozen_config():
 def test_bad_config_names_the_problem(raw, message):
     with pytest.raises(ConfigError, match=message):
         parse(raw)
+
+
+def test_an_arm_is_a_named_override_of_the_synthesis_settings():
+    cfg = parse(_raw(synthesis={"filter_dice": 0.0, "at_test": True},
+                     arms=[{"name": "real-only"}, {"name": "ddpm-filtered", "sources": ["ddpm"], "filter_dice": 0.6,
+                                                   "at_test": False}]))
+    arm = cfg.arms[1]
+    assert arm.synthesis(cfg.synthesis).filter_dice == 0.6 and arm.synthesis(cfg.synthesis).at_test is False
+    assert cfg.arms[0].synthesis(cfg.synthesis) == cfg.synthesis
+    with pytest.raises(ConfigError, match=r"\[arms.x\] filter_dice = 'high'; expected float"):
+        parse(_raw(arms=[{"name": "real-only"}, {"name": "x", "filter_dice": "high"}]))

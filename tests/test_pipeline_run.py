@@ -178,3 +178,15 @@ def test_mask_consistency_filter_keeps_only_pairs_the_real_segmenter_recovers(fi
     some = synthetic_pairs(phantom_data, fold, "liver", synth, base_model=base, min_dice=0.05)
     assert len(everything[0]) == 2 and len(none[0]) == 0 and len(some[0]) <= 2
     assert everything[0].shape[1:] == (1, 32, 32)
+
+
+def test_jobs_run_units_in_parallel_processes_on_a_shared_cache(first_run, phantom_dir):
+    tmp, cache, _ = first_run
+    cfg = _config(tmp, phantom_dir, name="j", cache=cache)
+    cfg.write_text(cfg.read_text().replace("folds = [0]", "folds = [0, 1]"))
+    assert main(["run", str(cfg), "--jobs", "2"]) == 0
+    rows = json.loads((tmp / "j" / "results.json").read_text())["rows"]
+    assert {r["fold"] for r in rows} == {0, 1}
+    fold0 = sorted((r["arm"], r["query"], round(r["dice"], 6)) for r in rows if r["fold"] == 0)
+    assert fold0 == sorted((a, q, d) for a, _, q, d in _rows(tmp / "a"))  # fold 0 came from the cache
+    assert "segmenter" in _stages(tmp / "j")

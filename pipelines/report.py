@@ -104,8 +104,23 @@ def verdict_lines(tests: list[dict]) -> list[str]:
     return out
 
 
+def _quality_table(quality: list[dict]) -> list[str]:
+    """Synthetic-pair quality per source and class, averaged over (fold, seed) units."""
+    lines = ["| source | class | mask consistency (Dice %) | kept by the filter | intensity histogram distance "
+             "| RMS distance to nearest support |", "|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for q in quality:
+        groups.setdefault((q["source"], q["class"]), []).append(q)
+    for (source, cls), qs in groups.items():
+        mean = {k: float(np.mean([q[k] for q in qs])) for k in ("mask_consistency", "kept_at_filter",
+                                                              "histogram_distance", "nn_distance_to_supports")}
+        lines.append(f"| {source} | {cls} | {100 * mean['mask_consistency']:.1f} | {100 * mean['kept_at_filter']:.0f} % "
+                     f"| {mean['histogram_distance']:.3f} | {mean['nn_distance_to_supports']:.3f} |")
+    return lines
+
+
 def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict], rows: list[dict],
-                 context: dict, figures: dict[str, str]) -> None:
+                 context: dict, figures: dict[str, str], quality: list[dict]) -> None:
     """report.md + results.json in `out`; `figures` maps a caption to a PNG file name already in `out`."""
     protocols = list(dict.fromkeys(r["protocol"] for r in summary))
     lines = [f"# {title}", "", "## Verdict", ""]
@@ -117,8 +132,14 @@ def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict
     for protocol in protocols:
         lines += [f"## {protocol}: mean Dice (%) ± std over folds and seeds", ""] + _summary_table(summary, protocol)
         lines += ["", f"### {protocol}: paired differences over query volumes", ""] + _tests_table(tests, protocol) + [""]
+    if quality:
+        lines += ["## Synthetic pair quality", "", "Mask consistency: Dice between each pair's intended mask and what "
+                  "the base segmenter, given only the real supports, finds on the synthetic image (low: the image does "
+                  "not follow its mask). Histogram distance: total variation between organ intensities of the real "
+                  "supports and of the pairs (0 same, 1 disjoint). Nearest-support distance: near 0 means copies.", ""]
+        lines += _quality_table(quality) + [""]
     lines += ["## Figures", ""] + [f"![{cap}]({name})" for cap, name in figures.items()] + [""]
     lines += ["## Run", "", "```json", json.dumps(context, indent=2, default=str), "```", ""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps({"context": context, "summary": summary, "tests": tests,
-                                                  "rows": rows}, indent=2, default=str))
+                                                  "quality": quality, "rows": rows}, indent=2, default=str))

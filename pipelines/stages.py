@@ -21,7 +21,7 @@ from augment import ddpm, gan
 from augment.manifest import Provenance, refs
 from augment.masks import DeformConfig
 from augment.training import CHECKPOINT_FILE
-from augment.quality import mask_consistency
+from augment.quality import intensity_histogram_distance, mask_consistency, nearest_neighbour_distance
 from augment.synthesis import classical_set, load_set, save_grid, save_set, synthesize, validate_manifest
 from pipelines import report
 from pipelines.config import CLASSICAL, ExperimentConfig, as_dict
@@ -209,6 +209,28 @@ def finetune_stage(cfg, data, fold, seed, base, class_name, synth, runner, label
     return runner("finetune", label, config, {"base": base[1], **{s: k for s, (_, k) in synth.items()}}, produce)
 
 
+def quality_stage(cfg, data, fold, seed, source, class_name, synth_entry, base, runner) -> tuple[Path, str]:
+    """Why pairs help or not: does the real-data segmenter find the intended mask on them (mask
+    consistency), do organ intensities match the real supports, and are they copies of the supports?"""
+
+    def produce(folder: Path) -> None:
+        real_i, real_m, _ = support_pairs(data, fold, class_name)
+        syn = load_set(synth_entry[0] / "set")
+        consistency = mask_consistency(make_predictor(seg_train.load(base[0] / "model.pt")), real_i, real_m,
+                                       syn.images, syn.masks)
+        scores = consistency["per_pair"]
+        quality = {"source": source, "class": class_name, "fold": fold.index, "seed": seed, "n": len(syn),
+                   "mask_consistency": consistency["mean_dice"],
+                   "kept_at_filter": sum(d >= cfg.synthesis.filter_dice for d in scores) / len(scores),
+                   "histogram_distance": intensity_histogram_distance(real_i, syn.images, real_masks=real_m,
+                                                                      synthetic_masks=syn.masks),
+                   "nn_distance_to_supports": nearest_neighbour_distance(real_i, syn.images)["mean"]}
+        (folder / "quality.json").write_text(json.dumps(quality, indent=2))
+
+    return runner("quality", f"{source} fold{fold.index} s{seed} {class_name}",
+                  {"filter_dice": cfg.synthesis.filter_dice}, {"synthesis": synth_entry[1], "base": base[1]}, produce)
+
+
 def _overlay_hook(keep: list[dict], n_slices: int, wanted_query: dict[str, str], data: PreparedData):
     """Keep a few query slices (image, truth, prediction) of one query volume per class for the report."""
 
@@ -274,9 +296,12 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
                                                                    sp_key, runner)
             synth[source, c] = synthesis_stage(cfg, data, fold, seed, source, c, gen, runner)
     # 2. per model: base segmenter per exclusion set, fine-tuned per arm and class, then scored
-    rows, evals = [], []
+    rows, evals, quality = [], [], []
     for model in cfg.models:
         bases = {e: segmenter_stage(cfg, data, fold, seed, model, e, sp_key, runner) for e in sorted(set(excl.values()))}
+        if model == cfg.models[0]:  # 3. quality of every synthetic set, judged by the first model's base segmenter
+            quality += [str(quality_stage(cfg, data, fold, seed, s, c, entry, bases[excl[c]], runner)[0])
+                        for (s, c), entry in synth.items()]
         for arm in cfg.arms:
             acfg = replace(cfg, synthesis=arm.synthesis(cfg.synthesis))  # the arm's named overrides
             arm_synth = {c: {s: synth[s, c] for s in arm.sources} for c in classes}
@@ -290,7 +315,7 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
                 evals.append({"model": model, "arm": arm.name, "protocol": protocol, "path": str(path), "key": key,
                               "fold": fold.index, "seed": seed})
     return rows, {"synth": {f"{s}|{c}": str(p) for (s, c), (p, _) in synth.items()}, "evals": evals,
-                  "fold": fold.index, "seed": seed}
+                  "quality": quality, "fold": fold.index, "seed": seed}
 
 
 def _overlay_panels(evals: list[dict], model: str, protocol: str) -> list[dict]:
@@ -340,11 +365,13 @@ def report_stage(cfg: ExperimentConfig, data: PreparedData, rows: list[dict], ex
         context = {"experiment": cfg.name, "dataset": data.spec.to_dict(), "data": str(data.source),
                    "data_key": data.key, "resolution": data.resolution, "config": as_dict(cfg),
                    "versions": _versions(), "units": [(x["fold"], x["seed"]) for x in extras]}
+        quality = [json.loads((Path(q) / "quality.json").read_text()) for x in extras for q in x["quality"]]
         report.write_report(folder, title=f"SupportForge ablation: {cfg.name}", summary=summary, tests=tests,
-                            rows=rows, context=context, figures=figures)
+                            rows=rows, context=context, figures=figures, quality=quality)
 
-    path, _ = runner("report", cfg.name, {"config": as_dict(cfg)},
-                     {f"eval/{i}": e["key"] for i, e in enumerate(evals)}, produce)
+    inputs = {f"eval/{i}": e["key"] for i, e in enumerate(evals)}
+    inputs |= {f"quality/{i}": Path(q).name for i, q in enumerate(q for x in extras for q in x["quality"])}
+    path, _ = runner("report", cfg.name, {"config": as_dict(cfg)}, inputs, produce)
     return path
 
 

@@ -83,13 +83,16 @@ def test_training_is_seeded(data, tmp_path):
     assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
 
 
-def test_reference_pipeline_runs_on_the_same_model(trained, data):
-    name, module, _, path = trained
-    if name != "ddpm-eps-dpm":
-        pytest.skip("DDPMPipeline reference is for the conditional DDPM")
-    pipe = ddpm.reference_pipeline(path, data[1][:2])
+def test_reference_pipeline_runs_on_the_same_model(data, tmp_path):
+    images, masks = data
+    path = ddpm.train(tiny_ddpm(), pretrain_pairs=data, provenance=provenance(8, 0), out_dir=tmp_path)
+    pipe = ddpm.reference_pipeline(path, masks[:2])
+    assert pipe.unet.unet.state_dict()["conv_in.weight"].equal(ddpm.load(path)[0].state_dict()["conv_in.weight"])
     out = pipe(batch_size=2, num_inference_steps=3, output_type="np")
     assert out.images.shape == (2, RES, RES, 1)
+    with pytest.raises(ValueError, match="conditional mode only"):
+        ddpm.reference_pipeline(ddpm.train(tiny_ddpm(joint=True), pretrain_pairs=data, provenance=provenance(8, 0),
+                                           out_dir=tmp_path / "joint"), masks[:2])
 
 
 # ---- bad input: clear error, nothing written -------------------------------------------------------

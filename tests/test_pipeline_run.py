@@ -92,6 +92,10 @@ def test_run_writes_report_figures_and_rows(first_run):
     assert {r["query"] for r in rows} == {"1", "2", "3"} and all(0.0 <= r["dice"] <= 1.0 for r in rows)
     report = (out / "report.md").read_text()
     assert "## Verdict" in report and "Wilcoxon" in report and "vs" in report
+    assert "## Synthetic pair quality" in report and "| ddpm | liver |" in report
+    quality = json.loads((out / "results.json").read_text())["quality"]
+    assert {q["source"] for q in quality} == {"classical", "ddpm"}
+    assert all(0.0 <= q["mask_consistency"] <= 1.0 and 0.0 <= q["histogram_distance"] <= 1.0 for q in quality)
 
 
 def test_second_run_is_all_cached(first_run):
@@ -110,6 +114,7 @@ def test_config_change_reruns_exactly_the_downstream_stages(first_run, phantom_d
     for cached in ("superpixels", "generator-pretrain", "generator", "segmenter"):
         assert not any(stages[cached]), cached
     assert all(stages["synthesis"]) and len(stages["synthesis"]) == 2  # classical and ddpm
+    assert all(stages["quality"]) and len(stages["quality"]) == 2
     assert stages["finetune"].count(True) == 2 and stages["finetune"].count(False) == 1  # real-only cached
     assert stages["evaluate"].count(True) == 2 and stages["evaluate"].count(False) == 1
     assert stages["report"] == [True]

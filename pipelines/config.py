@@ -93,6 +93,7 @@ class RunConfig:
     out: str = "runs/experiment"
     cache: str = ".cache/supportforge"
     jobs: int = 1
+    threads: int = 0  # torch threads per process (0: torch's default); 1 with jobs = cores is fastest on a CPU
     cpu: bool = True  # accelerate's cpu flag; false lets it take a GPU
     overlays: int = 1  # query slices drawn per arm, model and class in the report
 

@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from pipelines import stages
@@ -96,6 +97,8 @@ def _unit(cfg: ExperimentConfig, fold: Fold, seed: int, classes: tuple[str, ...]
     log = logging.getLogger("supportforge")
     if not log.handlers:
         log = setup_logging(Path(out))
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
     runner = StageRunner(StageCache(cfg.run.cache), force, log)
     data = load_data(cfg)
     rows, extras = stages.run_unit(cfg, data, fold, seed, classes, sp_key, runner)

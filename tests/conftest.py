@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny test models: more threads only add contention
+
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from segment.phantom import write_phantom
 from segment.slices import prepare
 from segment.volumes import load_spec
+
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ pairs, then `sample` for deformed support masks (`augment.synthesis.synthesize`)
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,59 +23,13 @@ from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMult
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from augment.config import PREDICTIONS, PRECISIONS, SAMPLERS, DDPMConfig  # noqa: F401 (re-exported)
 from augment.manifest import Provenance
 from augment.pairs import check_masks
 from augment.training import (check_resolution, load_checkpoint, make_accelerator, prepare_training_data,
                               run_steps, save_checkpoint, seeded_batches, set_lr)
 
 KIND = "ddpm"
-SAMPLERS = ("ddim", "dpmsolver++")
-PREDICTIONS = ("epsilon", "v_prediction")
-PRECISIONS = ("no", "bf16", "fp16")
-
-
-@dataclass(frozen=True)
-class DDPMConfig:
-    """Everything that defines a DDPM generator; saved in its checkpoint so the file rebuilds the model."""
-    resolution: int = 128
-    block_channels: tuple[int, ...] = (16, 32, 64, 128)
-    layers_per_block: int = 1
-    attention: bool = False            # self-attention in the lowest-resolution blocks
-    norm_groups: int = 8
-    joint: bool = False                # denoise image and mask together instead of conditioning on the mask
-    prediction_type: str = "epsilon"
-    train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
-    x0_clip: float = 6.0               # samplers clamp predicted x0 to +-x0_clip (z-scored MRI stays within ~5)
-    lr: float = 2e-4
-    finetune_lr: float = 1e-4
-    weight_decay: float = 1e-2
-    batch_size: int = 16
-    pretrain_steps: int = 1000
-    finetune_steps: int = 200
-    ema_max_decay: float = 0.999
-    sampler: str = "dpmsolver++"
-    sample_steps: int = 10
-    sample_batch: int = 16
-    seed: int = 0
-    cpu: bool = True
-    mixed_precision: str = "no"
-
-    def __post_init__(self):
-        checks = [("prediction_type", self.prediction_type, PREDICTIONS), ("sampler", self.sampler, SAMPLERS),
-                  ("mixed_precision", self.mixed_precision, PRECISIONS)]
-        for name, value, valid in checks:
-            if value not in valid:
-                raise ValueError(f"DDPMConfig.{name}={value!r}; valid: {list(valid)}")
-        if self.resolution % 2 ** (len(self.block_channels) - 1):
-            raise ValueError(f"DDPMConfig.resolution={self.resolution} must be divisible by "
-                             f"2**{len(self.block_channels) - 1} for block_channels={self.block_channels}")
-        if any(c % self.norm_groups for c in self.block_channels):
-            raise ValueError(f"DDPMConfig.block_channels={self.block_channels} must be multiples of "
-                             f"norm_groups={self.norm_groups}")
-        for name in ("batch_size", "sample_steps", "sample_batch", "train_timesteps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DDPMConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 def build_unet(config: DDPMConfig) -> UNet2DModel:

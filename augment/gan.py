@@ -8,7 +8,6 @@ Trained through accelerate like the DDPM, with the same pretrain-then-fine-tune 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,43 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import spectral_norm
 
+from augment.config import GANConfig  # noqa: F401 (re-exported)
 from augment.manifest import Provenance
 from augment.pairs import check_masks
 from augment.training import (check_resolution, load_checkpoint, make_accelerator, prepare_training_data,
                               run_steps, save_checkpoint, seeded_batches, set_lr)
 
 KIND = "gan"
-
-
-@dataclass(frozen=True)
-class GANConfig:
-    """Everything that defines a GAN generator; saved in its checkpoint so the file rebuilds the model."""
-    resolution: int = 128
-    z_dim: int = 64
-    gen_channels: int = 64          # channels at the coarsest map; halved (down to 16) at each upsampling
-    n_up: int = 4                   # coarsest map is resolution / 2**n_up
-    disc_channels: int = 32
-    disc_layers: int = 3
-    disc_scales: int = 2
-    fm_weight: float = 10.0
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    finetune_lr_scale: float = 0.5
-    batch_size: int = 16
-    pretrain_steps: int = 1000
-    finetune_steps: int = 200
-    seed: int = 0
-    cpu: bool = True
-    mixed_precision: str = "no"
-
-    def __post_init__(self):
-        if self.resolution % 2 ** self.n_up:
-            raise ValueError(f"GANConfig.resolution={self.resolution} must be divisible by 2**n_up={2 ** self.n_up}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"GANConfig.mixed_precision={self.mixed_precision!r}; valid: ['no', 'bf16', 'fp16']")
-        if self.disc_scales < 1 or self.disc_layers < 1 or self.batch_size < 1:
-            raise ValueError(f"GANConfig: disc_scales, disc_layers and batch_size must be >= 1, got "
-                             f"{self.disc_scales}, {self.disc_layers}, {self.batch_size}")
 
 
 class SPADE(nn.Module):

@@ -7,6 +7,8 @@ and slices a synthetic set depends on, and `check_no_leakage` raises if a query 
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 
@@ -81,3 +83,11 @@ def merge(base: Provenance, newer: Provenance) -> Provenance:
                       pretrain=base.pretrain + base.finetune + newer.pretrain, finetune=newer.finetune,
                       query_volumes=tuple(sorted(set(base.query_volumes) | set(newer.query_volumes))),
                       notes=newer.notes, extra=newer.extra)
+
+
+def validate_manifest(manifest: dict, query_volumes: Sequence[str]) -> None:
+    """Raise `LeakageError` if a query volume is among the training or support slices of a manifest."""
+    training = Provenance.from_dict(manifest["training"]) if manifest.get("training") else Provenance(fold=-1)
+    support = tuple(SliceRef(**r) for r in manifest["support"])
+    check_no_leakage(dataclasses.replace(training, fold=manifest.get("fold", training.fold),
+                                         finetune=training.finetune + support), query_volumes)

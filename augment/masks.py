@@ -9,37 +9,14 @@ the source and none smaller than `min_fragment_px`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import albumentations as A
 import cv2
 import numpy as np
 import torch
 from scipy import ndimage
 
+from augment.config import DeformConfig  # noqa: F401 (re-exported)
 from augment.pairs import ArrayLike, PairError, check_images, check_masks
-
-
-@dataclass(frozen=True)
-class DeformConfig:
-    """Deformation strengths (pixels are given for 128 x 128 and scaled with the resolution) and checks."""
-    rotate_deg: float = 12.0
-    scale: tuple[float, float] = (0.85, 1.15)
-    translate_frac: float = 0.05
-    elastic_alpha: float = 40.0
-    elastic_sigma: float = 6.0
-    grid_distort: float = 0.15
-    min_area_ratio: float = 0.5
-    max_area_ratio: float = 1.8
-    min_fragment_px: int = 12
-    max_tries: int = 30
-
-    def __post_init__(self):
-        if not 0 < self.min_area_ratio <= 1 <= self.max_area_ratio:
-            raise ValueError(f"DeformConfig needs 0 < min_area_ratio <= 1 <= max_area_ratio, got "
-                             f"{self.min_area_ratio}, {self.max_area_ratio}")
-        if self.max_tries < 1:
-            raise ValueError(f"DeformConfig.max_tries must be >= 1, got {self.max_tries}")
 
 
 def _transform(config: DeformConfig, resolution: int, seed: int) -> A.Compose:

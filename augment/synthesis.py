@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from augment import ddpm, gan
-from augment.manifest import Provenance, SliceRef, check_no_leakage
+from augment.manifest import Provenance, SliceRef, validate_manifest  # noqa: F401 (re-exported)
 from augment.masks import DeformConfig, classical_pairs, deform_masks
 from augment.pairs import PairError, as_pairs
 from augment.training import load_checkpoint
@@ -50,14 +50,6 @@ def _support_refs(support_ids: Sequence[SliceRef], n: int) -> list[SliceRef]:
 def _jsonable(manifest: dict) -> dict:
     """The manifest exactly as it will read back from manifest.json (tuples become lists)."""
     return json.loads(json.dumps(manifest))
-
-
-def validate_manifest(manifest: dict, query_volumes: Sequence[str]) -> None:
-    """Raise `LeakageError` if a query volume is among the training or support slices of a manifest."""
-    training = Provenance.from_dict(manifest["training"]) if manifest.get("training") else Provenance(fold=-1)
-    support = tuple(SliceRef(**r) for r in manifest["support"])
-    check_no_leakage(dataclasses.replace(training, fold=manifest.get("fold", training.fold),
-                                         finetune=training.finetune + support), query_volumes)
 
 
 def synthesize(checkpoint: Path, support_images, support_masks, support_ids: Sequence[SliceRef], *, n: int,

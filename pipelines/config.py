@@ -179,9 +179,8 @@ def parse(raw: dict, *, source: str = "config") -> ExperimentConfig:
 
 def _check_stage_sections(raw: dict, source: str) -> None:
     """[segment] and [generators.NAME] against the stages' own config dataclasses."""
-    from augment.ddpm import DDPMConfig
-    from augment.gan import GANConfig
-    from segment.train import SegmenterConfig
+    from augment.config import DDPMConfig, GANConfig
+    from segment.config import SegmenterConfig
 
     kinds = {"ddpm": DDPMConfig, "gan": GANConfig}
     runner_owned = {"model", "resolution", "seed", "cpu"}  # set per stage run from [data], [protocol], [run]

@@ -5,6 +5,9 @@ no labels) and the fold's support pairs only; every synthetic set's manifest is 
 fold's query volumes before use; segmenters never see a test-class label; every arm of a (fold, seed)
 unit is fine-tuned for the same number of steps, from the same base model, on the same real supports,
 and scored on the same query volumes.
+
+The heavy modules (diffusers, accelerate, albumentations, scikit-image, matplotlib, the models) are
+imported inside the functions that produce artifacts, so a run that finds everything cached starts fast.
 """
 
 from __future__ import annotations
@@ -17,36 +20,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from augment import ddpm, gan
-from augment.manifest import Provenance, refs
-from augment.masks import DeformConfig
-from augment.training import CHECKPOINT_FILE
-from augment.quality import intensity_histogram_distance, mask_consistency, nearest_neighbour_distance
-from augment.synthesis import classical_set, load_set, save_grid, save_set, synthesize, validate_manifest
-from pipelines import report
+from augment.config import DDPMConfig, DeformConfig, GANConfig
+from augment.manifest import Provenance, refs, validate_manifest
 from pipelines.config import CLASSICAL, ExperimentConfig, as_dict
-from pipelines.stats import paired_tests, summarise
-from segment import train as seg_train
-from segment.predict import make_predictor
+from segment.config import SegmenterConfig, SuperpixelParams
 from segment.protocol import (Fold, ep1_support_indices, evaluate, excluded_class_ids, make_folds,
                               training_slice_mask)
 from segment.slices import PreparedData
-from segment.superpixels import SuperpixelParams, superpixels
 
-GENERATORS = {"ddpm": (ddpm.DDPMConfig, ddpm.train), "gan": (gan.GANConfig, gan.train)}
+GENERATORS = {"ddpm": DDPMConfig, "gan": GANConfig}
+CHECKPOINT_FILE = "checkpoint.pt"  # a generator's checkpoint inside its stage folder
 SAMPLING_FIELDS = ("sampler", "sample_steps", "sample_batch")  # read by synthesis, not by training
 FINETUNE_FIELDS = ("finetune_steps", "finetune_lr", "finetune_lr_scale")  # read by the per-class fine-tune
 BASELINE = "real-only"
 
 
-def segmenter_config(cfg: ExperimentConfig, model: str, seed: int) -> seg_train.SegmenterConfig:
-    return seg_train.SegmenterConfig.from_dict({**cfg.segment, "model": model, "resolution": cfg.data.resolution,
+def segmenter_config(cfg: ExperimentConfig, model: str, seed: int) -> SegmenterConfig:
+    return SegmenterConfig.from_dict({**cfg.segment, "model": model, "resolution": cfg.data.resolution,
                                                 "seed": seed, "cpu": cfg.run.cpu})
 
 
 def generator_config(cfg: ExperimentConfig, name: str, seed: int):
-    config_cls, _ = GENERATORS[name]
-    return config_cls(**{**cfg.generators[name], "resolution": cfg.data.resolution, "seed": seed, "cpu": cfg.run.cpu})
+    return GENERATORS[name](**{**cfg.generators[name], "resolution": cfg.data.resolution, "seed": seed, "cpu": cfg.run.cpu})
 
 
 def exclusion_sets(data: PreparedData, classes: tuple[str, ...], setting: int) -> dict[str, tuple[int, ...]]:
@@ -76,6 +71,7 @@ def superpixel_stage(cfg: ExperimentConfig, data: PreparedData, runner) -> tuple
     params = superpixel_params(cfg)
 
     def produce(folder: Path) -> None:
+        from segment.superpixels import superpixels
         maps = superpixels(data, params=params, cache_dir=cfg.run.cache)
         (folder / "volumes.json").write_text(json.dumps({v: int(m.max()) for v, m in maps.items()}))
 
@@ -84,6 +80,7 @@ def superpixel_stage(cfg: ExperimentConfig, data: PreparedData, runner) -> tuple
 
 def pretrain_pairs(cfg: ExperimentConfig, data: PreparedData, fold: Fold, excluded: tuple[int, ...], seed: int):
     """Unlabelled pool of a fold: each allowed training slice with one random superpixel as its mask."""
+    from segment.superpixels import superpixels
     maps = superpixels(data, params=superpixel_params(cfg), cache_dir=cfg.run.cache, volume_ids=fold.train)
     rng = np.random.default_rng(seed)
     images, masks, used = [], [], []
@@ -106,13 +103,13 @@ def pretrain_pairs(cfg: ExperimentConfig, data: PreparedData, fold: Fold, exclud
 def generator_stage(cfg, data, fold, seed, name, class_name, excluded, sp_key, runner) -> tuple[Path, str]:
     """Pretrain one generator per fold on the unlabelled pool, then fine-tune it on a class's supports."""
     config = generator_config(cfg, name, seed)
-    _, train_fn = GENERATORS[name]
     base_inputs = {"data": data.key, "superpixels": sp_key}
     train_fields = {k: v for k, v in as_dict(config).items() if k not in SAMPLING_FIELDS}
     pre_cfg = {"generator": name, "config": {k: v for k, v in train_fields.items() if k not in FINETUNE_FIELDS},
                "fold": as_dict(fold), "excluded": list(excluded), "setting": cfg.protocol.setting}
 
     def produce_pretrain(folder: Path) -> None:
+        train_fn = _generator_train(name)
         pairs, used = pretrain_pairs(cfg, data, fold, excluded, seed)
         prov = Provenance(fold=fold.index, setting=cfg.protocol.setting, query_volumes=fold.queries,
                           pretrain=tuple(r for v, z in used for r in refs(v, [z])))
@@ -123,6 +120,7 @@ def generator_stage(cfg, data, fold, seed, name, class_name, excluded, sp_key, r
     images, masks, idx = support_pairs(data, fold, class_name)
 
     def produce_finetune(folder: Path) -> None:
+        train_fn = _generator_train(name)
         prov = Provenance(fold=fold.index, class_name=class_name, setting=cfg.protocol.setting,
                           finetune=refs(fold.support, idx), query_volumes=fold.queries)
         train_fn(config, finetune_pairs=(images, masks), provenance=prov,
@@ -131,6 +129,11 @@ def generator_stage(cfg, data, fold, seed, name, class_name, excluded, sp_key, r
     return runner("generator", f"{name} fold{fold.index} s{seed} {class_name}",
                   {"class": class_name, "support_slices": idx, "config": train_fields},
                   {"pretrain": pre_key}, produce_finetune)
+
+
+def _generator_train(name: str):
+    from augment import ddpm, gan
+    return {"ddpm": ddpm.train, "gan": gan.train}[name]
 
 
 def synthesis_stage(cfg, data, fold, seed, source, class_name, gen_entry, runner) -> tuple[Path, str]:
@@ -143,6 +146,7 @@ def synthesis_stage(cfg, data, fold, seed, source, class_name, gen_entry, runner
               "support_slices": idx, "deform": as_dict(DeformConfig()), "fold": fold.index, "sampling": sampling}
 
     def produce(folder: Path) -> None:
+        from augment.synthesis import classical_set, save_set, synthesize
         if source == CLASSICAL:
             syn = classical_set(images, masks, ids, n=cfg.synthesis.n_pairs, seed=seed, fold=fold.index,
                                 class_name=class_name, query_volumes=fold.queries)
@@ -155,7 +159,7 @@ def synthesis_stage(cfg, data, fold, seed, source, class_name, gen_entry, runner
 
     inputs = {"data": data.key} if gen_entry is None else {"generator": gen_entry[1]}
     path, key = runner("synthesis", f"{source} fold{fold.index} s{seed} {class_name}", config, inputs, produce)
-    validate_manifest(load_set(path / "set").manifest, fold.queries)  # again, on what the cache returned
+    validate_manifest(json.loads((path / "set" / "manifest.json").read_text()), fold.queries)  # again, on the cache
     return path, key
 
 
@@ -164,6 +168,7 @@ def segmenter_stage(cfg, data, fold, seed, model, excluded, sp_key, runner) -> t
     config = segmenter_config(cfg, model, seed)
 
     def produce(folder: Path) -> None:
+        from segment import train as seg_train
         seg_train.train(config, data, fold, test_class_ids=excluded, setting=cfg.protocol.setting,
                         out_dir=folder, cache_dir=cfg.run.cache)
 
@@ -179,6 +184,10 @@ def synthetic_pairs(data, fold, class_name, synth: dict[str, tuple[Path, str]], 
     With `min_dice` > 0, only pairs on which the base segmenter, given the real supports alone, recovers the
     intended mask with at least that Dice are kept (the mask-consistency filter of the literature).
     """
+    from augment.quality import mask_consistency
+    from augment.synthesis import load_set
+    from segment import train as seg_train
+    from segment.predict import make_predictor
     images = [load_set(path / "set").images[:limit] for path, _ in synth.values()]
     masks = [load_set(path / "set").masks[:limit] for path, _ in synth.values()]
     if not images:
@@ -197,6 +206,7 @@ def finetune_stage(cfg, data, fold, seed, base, class_name, synth, runner, label
     base_model = base[0] / "model.pt"
 
     def produce(folder: Path) -> None:
+        from segment import train as seg_train
         real_i, real_m, _ = support_pairs(data, fold, class_name)
         syn_i, syn_m = synthetic_pairs(data, fold, class_name, synth, base_model=base_model,
                                        min_dice=cfg.synthesis.filter_dice)
@@ -214,6 +224,10 @@ def quality_stage(cfg, data, fold, seed, source, class_name, synth_entry, base, 
     consistency), do organ intensities match the real supports, and are they copies of the supports?"""
 
     def produce(folder: Path) -> None:
+        from augment.quality import intensity_histogram_distance, mask_consistency, nearest_neighbour_distance
+        from augment.synthesis import load_set
+        from segment import train as seg_train
+        from segment.predict import make_predictor
         real_i, real_m, _ = support_pairs(data, fold, class_name)
         syn = load_set(synth_entry[0] / "set")
         consistency = mask_consistency(make_predictor(seg_train.load(base[0] / "model.pt")), real_i, real_m,
@@ -252,6 +266,8 @@ def evaluate_stage(cfg, data, fold, seed, model, arm, protocol, tuned, bases, sy
     at_test = cfg.synthesis.at_test and any(synth.values())
 
     def predictor_for(fold_: Fold, class_name: str):
+        from segment import train as seg_train
+        from segment.predict import make_predictor
         net = seg_train.load(tuned[class_name][0] / "model.pt")
         extra = None
         if at_test:  # the protocol passes the real support slices itself
@@ -338,6 +354,9 @@ def report_stage(cfg: ExperimentConfig, data: PreparedData, rows: list[dict], ex
              for k, v in x["synth"].items()}
 
     def produce(folder: Path) -> None:
+        from augment.synthesis import load_set, save_grid
+        from pipelines import report
+        from pipelines.stats import paired_tests, summarise
         summary, tests = summarise(rows), paired_tests(rows, baseline=BASELINE)
         if any(r["arm"] == CLASSICAL for r in rows):  # generators against the classical control, separately
             tests += paired_tests([r for r in rows if r["arm"] != BASELINE], baseline=CLASSICAL)

@@ -21,20 +21,9 @@ from scipy import ndimage
 from skimage.segmentation import felzenszwalb
 from tqdm import tqdm
 
+from segment.config import SuperpixelParams  # noqa: F401 (re-exported)
+
 SUPERPIXELS_VERSION = "1"  # bump when the computation below changes what it writes
-
-
-@dataclass(frozen=True)
-class SuperpixelParams:
-    """skimage.segmentation.felzenszwalb arguments. min_size is in pixels at 256 px and scales with area."""
-
-    scale: float = 100.0
-    sigma: float = 0.8
-    min_size_256: int = 400  # ALPNet's value at 256 x 256
-    body_fraction: float = 0.5  # a segment with less of its area inside the body becomes 0
-
-    def min_size(self, resolution: int) -> int:
-        return max(4, round(self.min_size_256 * (resolution / 256) ** 2))
 
 
 def body_mask(image: np.ndarray) -> np.ndarray:

@@ -24,66 +24,12 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from segment.conditional import ConditionalConfig, ConditionalNet
+from segment.config import MODELS, SETTINGS, SegmenterConfig, SuperpixelParams  # noqa: F401 (re-exported)
 from segment.encoder import EncoderConfig, load_encoder_weights
 from segment.episodes import (AugmentParams, Augmenter, MixedSampler, PairSampler, SuperpixelSampler,
                               SupervisedSampler, collate)
 from segment.prototype import PrototypeConfig, PrototypeNet
-from segment.superpixels import SuperpixelParams, superpixels
-
-MODELS = ("prototype", "conditional")
-SETTINGS = (1, 2)
-
-
-@dataclass(frozen=True)
-class SegmenterConfig:
-    """Model, episode mix and optimisation of one training run; saved in every checkpoint."""
-
-    model: str = "prototype"  # "prototype" | "conditional"
-    width: int = 16  # encoder / segmenter channels at the first level
-    depth: int = 2  # prototype encoder: output stride 2**depth; conditional: U-Net levels + 1
-    dilated_blocks: int = 2
-    embed_dim: int = 64
-    norm: str = "instance"
-    resolution: int = 128
-    steps: int = 1000
-    lr: float = 1e-3
-    warmup: int = 50
-    weight_decay: float = 1e-4
-    batch: int = 4  # episodes per step (per process)
-    seed: int = 0
-    n_supports: int = 1  # supports per training episode
-    mix_superpixel: float = 1.0  # episode mix weights
-    mix_supervised: float = 0.0
-    mix_pairs: float = 0.5  # used only when extra pairs are given
-    bg_weight: float = 0.1  # cross-entropy weight of background (ALPNet)
-    align_weight: float = 1.0  # PANet prototype-alignment loss (prototype model)
-    augment: bool = True
-    superpixel_scale: float = 100.0
-    checkpoint_every: int = 100
-    cpu: bool = False  # force CPU (and gloo under torchrun)
-    encoder_init: str = ""  # optional local encoder checkpoint to start from (prototype model)
-
-    def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"SegmenterConfig.model must be one of {MODELS}, got {self.model!r}")
-        for name in ("width", "depth", "embed_dim", "resolution", "steps", "batch", "n_supports", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SegmenterConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"SegmenterConfig.lr must be > 0, got {self.lr}")
-        if min(self.mix_superpixel, self.mix_supervised, self.mix_pairs) < 0:
-            raise ValueError("SegmenterConfig mix weights must be >= 0, got "
-                             f"{(self.mix_superpixel, self.mix_supervised, self.mix_pairs)}")
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> SegmenterConfig:
-        """Build from a dict (TOML table, checkpoint); an unknown key fails and lists the valid ones."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(raw) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown segmenter config key(s) {unknown}; valid keys are {valid}")
-        return cls(**raw)
-
+from segment.superpixels import superpixels
 
 def build_model(config: SegmenterConfig) -> torch.nn.Module:
     """The untrained network that `config` describes."""

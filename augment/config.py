@@ -1,0 +1,109 @@
+"""The configs of the generators and of mask deformation: frozen dataclasses that each checkpoint carries and that rebuild its model.
+
+They live apart from the models so that reading or validating an experiment config needs neither torch
+nor diffusers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SAMPLERS = ("ddim", "dpmsolver++")
+PREDICTIONS = ("epsilon", "v_prediction")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class DDPMConfig:
+    """Everything that defines a DDPM generator; saved in its checkpoint so the file rebuilds the model."""
+    resolution: int = 128
+    block_channels: tuple[int, ...] = (16, 32, 64, 128)
+    layers_per_block: int = 1
+    attention: bool = False            # self-attention in the lowest-resolution blocks
+    norm_groups: int = 8
+    joint: bool = False                # denoise image and mask together instead of conditioning on the mask
+    prediction_type: str = "epsilon"
+    train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    x0_clip: float = 6.0               # samplers clamp predicted x0 to +-x0_clip (z-scored MRI stays within ~5)
+    lr: float = 2e-4
+    finetune_lr: float = 1e-4
+    weight_decay: float = 1e-2
+    batch_size: int = 16
+    pretrain_steps: int = 1000
+    finetune_steps: int = 200
+    ema_max_decay: float = 0.999
+    sampler: str = "dpmsolver++"
+    sample_steps: int = 10
+    sample_batch: int = 16
+    seed: int = 0
+    cpu: bool = True
+    mixed_precision: str = "no"
+
+    def __post_init__(self):
+        checks = [("prediction_type", self.prediction_type, PREDICTIONS), ("sampler", self.sampler, SAMPLERS),
+                  ("mixed_precision", self.mixed_precision, PRECISIONS)]
+        for name, value, valid in checks:
+            if value not in valid:
+                raise ValueError(f"DDPMConfig.{name}={value!r}; valid: {list(valid)}")
+        if self.resolution % 2 ** (len(self.block_channels) - 1):
+            raise ValueError(f"DDPMConfig.resolution={self.resolution} must be divisible by "
+                             f"2**{len(self.block_channels) - 1} for block_channels={self.block_channels}")
+        if any(c % self.norm_groups for c in self.block_channels):
+            raise ValueError(f"DDPMConfig.block_channels={self.block_channels} must be multiples of "
+                             f"norm_groups={self.norm_groups}")
+        for name in ("batch_size", "sample_steps", "sample_batch", "train_timesteps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DDPMConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class GANConfig:
+    """Everything that defines a GAN generator; saved in its checkpoint so the file rebuilds the model."""
+    resolution: int = 128
+    z_dim: int = 64
+    gen_channels: int = 64          # channels at the coarsest map; halved (down to 16) at each upsampling
+    n_up: int = 4                   # coarsest map is resolution / 2**n_up
+    disc_channels: int = 32
+    disc_layers: int = 3
+    disc_scales: int = 2
+    fm_weight: float = 10.0
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    finetune_lr_scale: float = 0.5
+    batch_size: int = 16
+    pretrain_steps: int = 1000
+    finetune_steps: int = 200
+    seed: int = 0
+    cpu: bool = True
+    mixed_precision: str = "no"
+
+    def __post_init__(self):
+        if self.resolution % 2 ** self.n_up:
+            raise ValueError(f"GANConfig.resolution={self.resolution} must be divisible by 2**n_up={2 ** self.n_up}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"GANConfig.mixed_precision={self.mixed_precision!r}; valid: ['no', 'bf16', 'fp16']")
+        if self.disc_scales < 1 or self.disc_layers < 1 or self.batch_size < 1:
+            raise ValueError(f"GANConfig: disc_scales, disc_layers and batch_size must be >= 1, got "
+                             f"{self.disc_scales}, {self.disc_layers}, {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class DeformConfig:
+    """Deformation strengths (pixels are given for 128 x 128 and scaled with the resolution) and checks."""
+    rotate_deg: float = 12.0
+    scale: tuple[float, float] = (0.85, 1.15)
+    translate_frac: float = 0.05
+    elastic_alpha: float = 40.0
+    elastic_sigma: float = 6.0
+    grid_distort: float = 0.15
+    min_area_ratio: float = 0.5
+    max_area_ratio: float = 1.8
+    min_fragment_px: int = 12
+    max_tries: int = 30
+
+    def __post_init__(self):
+        if not 0 < self.min_area_ratio <= 1 <= self.max_area_ratio:
+            raise ValueError(f"DeformConfig needs 0 < min_area_ratio <= 1 <= max_area_ratio, got "
+                             f"{self.min_area_ratio}, {self.max_area_ratio}")
+        if self.max_tries < 1:
+            raise ValueError(f"DeformConfig.max_tries must be >= 1, got {self.max_tries}")

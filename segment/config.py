@@ -1,0 +1,75 @@
+"""Configs of the segment stage: frozen dataclasses that checkpoints carry and experiment configs override.
+
+They live apart from the models so that reading or validating an experiment config needs no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+MODELS = ("prototype", "conditional")
+SETTINGS = (1, 2)
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Model, episode mix and optimisation of one training run; saved in every checkpoint."""
+
+    model: str = "prototype"  # "prototype" | "conditional"
+    width: int = 16  # encoder / segmenter channels at the first level
+    depth: int = 2  # prototype encoder: output stride 2**depth; conditional: U-Net levels + 1
+    dilated_blocks: int = 2
+    embed_dim: int = 64
+    norm: str = "instance"
+    resolution: int = 128
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 1e-4
+    batch: int = 4  # episodes per step (per process)
+    seed: int = 0
+    n_supports: int = 1  # supports per training episode
+    mix_superpixel: float = 1.0  # episode mix weights
+    mix_supervised: float = 0.0
+    mix_pairs: float = 0.5  # used only when extra pairs are given
+    bg_weight: float = 0.1  # cross-entropy weight of background (ALPNet)
+    align_weight: float = 1.0  # PANet prototype-alignment loss (prototype model)
+    augment: bool = True
+    superpixel_scale: float = 100.0
+    checkpoint_every: int = 100
+    cpu: bool = False  # force CPU (and gloo under torchrun)
+    encoder_init: str = ""  # optional local encoder checkpoint to start from (prototype model)
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"SegmenterConfig.model must be one of {MODELS}, got {self.model!r}")
+        for name in ("width", "depth", "embed_dim", "resolution", "steps", "batch", "n_supports", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SegmenterConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"SegmenterConfig.lr must be > 0, got {self.lr}")
+        if min(self.mix_superpixel, self.mix_supervised, self.mix_pairs) < 0:
+            raise ValueError("SegmenterConfig mix weights must be >= 0, got "
+                             f"{(self.mix_superpixel, self.mix_supervised, self.mix_pairs)}")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> SegmenterConfig:
+        """Build from a dict (TOML table, checkpoint); an unknown key fails and lists the valid ones."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(raw) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown segmenter config key(s) {unknown}; valid keys are {valid}")
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class SuperpixelParams:
+    """skimage.segmentation.felzenszwalb arguments. min_size is in pixels at 256 px and scales with area."""
+
+    scale: float = 100.0
+    sigma: float = 0.8
+    min_size_256: int = 400  # ALPNet's value at 256 x 256
+    body_fraction: float = 0.5  # a segment with less of its area inside the body becomes 0
+
+    def min_size(self, resolution: int) -> int:
+        return max(4, round(self.min_size_256 * (resolution / 256) ** 2))

@@ -36,7 +36,7 @@ def dice_chart(summary: list[dict], protocol: str, path: Path, *, arms: list[str
         ax.set_ylim(0, 100)
         ax.set_title(f"{model} ({protocol})")
         ax.set_ylabel("Dice (%)")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -104,23 +104,24 @@ def verdict_lines(tests: list[dict]) -> list[str]:
     return out
 
 
-def _quality_table(quality: list[dict]) -> list[str]:
+def _quality_table(quality: list[dict], filter_dice: float) -> list[str]:
     """Synthetic-pair quality per source and class, averaged over (fold, seed) units."""
-    lines = ["| source | class | mask consistency (Dice %) | kept by the filter | intensity histogram distance "
-             "| RMS distance to nearest support |", "|---|---|---|---|---|---|"]
+    lines = [f"| source | class | mask consistency (Dice %) | pairs with Dice >= {filter_dice:g} | intensity histogram "
+             "distance | RMS distance to nearest support |", "|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str], list[dict]] = {}
     for q in quality:
         groups.setdefault((q["source"], q["class"]), []).append(q)
     for (source, cls), qs in groups.items():
-        mean = {k: float(np.mean([q[k] for q in qs])) for k in ("mask_consistency", "kept_at_filter",
-                                                              "histogram_distance", "nn_distance_to_supports")}
+        mean = {k: float(np.mean([q[k] for q in qs])) for k in ("mask_consistency", "histogram_distance",
+                                                              "nn_distance_to_supports")}
+        mean["kept_at_filter"] = float(np.mean([d >= filter_dice for q in qs for d in q["per_pair"]]))
         lines.append(f"| {source} | {cls} | {100 * mean['mask_consistency']:.1f} | {100 * mean['kept_at_filter']:.0f} % "
                      f"| {mean['histogram_distance']:.3f} | {mean['nn_distance_to_supports']:.3f} |")
     return lines
 
 
 def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict], rows: list[dict],
-                 context: dict, figures: dict[str, str], quality: list[dict]) -> None:
+                 context: dict, figures: dict[str, str], quality: list[dict], filter_dice: float = 0.5) -> None:
     """report.md + results.json in `out`; `figures` maps a caption to a PNG file name already in `out`."""
     protocols = list(dict.fromkeys(r["protocol"] for r in summary))
     lines = [f"# {title}", "", "## Verdict", ""]
@@ -137,7 +138,7 @@ def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict
                   "the base segmenter, given only the real supports, finds on the synthetic image (low: the image does "
                   "not follow its mask). Histogram distance: total variation between organ intensities of the real "
                   "supports and of the pairs (0 same, 1 disjoint). Nearest-support distance: near 0 means copies.", ""]
-        lines += _quality_table(quality) + [""]
+        lines += _quality_table(quality, filter_dice) + [""]
     lines += ["## Figures", ""] + [f"![{cap}]({name})" for cap, name in figures.items()] + [""]
     lines += ["## Run", "", "```json", json.dumps(context, indent=2, default=str), "```", ""]
     (out / "report.md").write_text("\n".join(lines))

@@ -232,17 +232,15 @@ def quality_stage(cfg, data, fold, seed, source, class_name, synth_entry, base, 
         syn = load_set(synth_entry[0] / "set")
         consistency = mask_consistency(make_predictor(seg_train.load(base[0] / "model.pt")), real_i, real_m,
                                        syn.images, syn.masks)
-        scores = consistency["per_pair"]
         quality = {"source": source, "class": class_name, "fold": fold.index, "seed": seed, "n": len(syn),
-                   "mask_consistency": consistency["mean_dice"],
-                   "kept_at_filter": sum(d >= cfg.synthesis.filter_dice for d in scores) / len(scores),
+                   "mask_consistency": consistency["mean_dice"], "per_pair": consistency["per_pair"],
                    "histogram_distance": intensity_histogram_distance(real_i, syn.images, real_masks=real_m,
                                                                       synthetic_masks=syn.masks),
                    "nn_distance_to_supports": nearest_neighbour_distance(real_i, syn.images)["mean"]}
         (folder / "quality.json").write_text(json.dumps(quality, indent=2))
 
-    return runner("quality", f"{source} fold{fold.index} s{seed} {class_name}",
-                  {"filter_dice": cfg.synthesis.filter_dice}, {"synthesis": synth_entry[1], "base": base[1]}, produce)
+    return runner("quality", f"{source} fold{fold.index} s{seed} {class_name}", {},
+                  {"synthesis": synth_entry[1], "base": base[1]}, produce)
 
 
 def _overlay_hook(keep: list[dict], n_slices: int, wanted_query: dict[str, str], data: PreparedData):
@@ -385,8 +383,9 @@ def report_stage(cfg: ExperimentConfig, data: PreparedData, rows: list[dict], ex
                    "data_key": data.key, "resolution": data.resolution, "config": as_dict(cfg),
                    "versions": _versions(), "units": [(x["fold"], x["seed"]) for x in extras]}
         quality = [json.loads((Path(q) / "quality.json").read_text()) for x in extras for q in x["quality"]]
+        threshold = max([a.synthesis(cfg.synthesis).filter_dice for a in cfg.arms] + [0.0]) or 0.5
         report.write_report(folder, title=f"SupportForge ablation: {cfg.name}", summary=summary, tests=tests,
-                            rows=rows, context=context, figures=figures, quality=quality)
+                            rows=rows, context=context, figures=figures, quality=quality, filter_dice=threshold)
 
     inputs = {f"eval/{i}": e["key"] for i, e in enumerate(evals)}
     inputs |= {f"quality/{i}": Path(q).name for i, q in enumerate(q for x in extras for q in x["quality"])}

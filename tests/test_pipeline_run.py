@@ -195,3 +195,14 @@ def test_jobs_run_units_in_parallel_processes_on_a_shared_cache(first_run, phant
     fold0 = sorted((r["arm"], r["query"], round(r["dice"], 6)) for r in rows if r["fold"] == 0)
     assert fold0 == sorted((a, q, d) for a, _, q, d in _rows(tmp / "a"))  # fold 0 came from the cache
     assert "segmenter" in _stages(tmp / "j")
+
+
+def test_spec_class_missing_from_the_labels_exits_2_and_writes_nothing(phantom_copy, tmp_path, capsys):
+    spec = phantom_copy / "dataset.toml"
+    spec.write_text(spec.read_text().replace('4 = "spleen"', '4 = "spleen"\n9 = "pancreas"'))
+    cfg = _config(tmp_path, phantom_copy, name="bad", cache=tmp_path / "cache")
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # progress bars of the volume reading may come first
+    assert [line for line in err if "error" in line] == [err[-1]]
+    assert err[-1].startswith("supportforge: error:") and "class(es) 'pancreas' (raw value 9) appear in no label" in err[-1]
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "bad").exists()

@@ -27,7 +27,7 @@ from augment.config import PREDICTIONS, PRECISIONS, SAMPLERS, DDPMConfig  # noqa
 from augment.manifest import Provenance
 from augment.pairs import check_masks
 from augment.training import (check_resolution, load_checkpoint, make_accelerator, prepare_training_data,
-                              run_steps, save_checkpoint, seeded_batches, set_lr)
+                              run_steps, save_on_main, seeded_batches, set_lr)
 
 KIND = "ddpm"
 
@@ -146,12 +146,8 @@ def train(config: DDPMConfig, *, pretrain_pairs=None, finetune_pairs=None, prove
     if ema is not None:
         ema.copy_to(final.parameters())  # sample with the EMA weights
     state = {"unet": {k: v.detach().cpu() for k, v in final.state_dict().items()}}
-    path = Path(out_dir) / "checkpoint.pt"
-    if accelerator.is_main_process:
-        path = save_checkpoint(out_dir, kind=KIND, config=config, state=state, provenance=provenance,
-                               history=history, accelerator=accelerator)
-    accelerator.wait_for_everyone()
-    return path
+    return save_on_main(accelerator, out_dir, kind=KIND, config=config, state=state, provenance=provenance,
+                        history=history)
 
 
 def load(checkpoint: Path | dict, *, resolution: int | None = None) -> tuple[UNet2DModel, DDPMConfig, dict]:

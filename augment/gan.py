@@ -19,7 +19,7 @@ from augment.config import GANConfig  # noqa: F401 (re-exported)
 from augment.manifest import Provenance
 from augment.pairs import check_masks
 from augment.training import (check_resolution, load_checkpoint, make_accelerator, prepare_training_data,
-                              run_steps, save_checkpoint, seeded_batches, set_lr)
+                              run_steps, save_on_main, seeded_batches, set_lr)
 
 KIND = "gan"
 
@@ -179,12 +179,8 @@ def train(config: GANConfig, *, pretrain_pairs=None, finetune_pairs=None, proven
     accelerator.wait_for_everyone()
     state = {"generator": {k: v.detach().cpu() for k, v in accelerator.unwrap_model(gen).state_dict().items()},
              "discriminator": {k: v.detach().cpu() for k, v in accelerator.unwrap_model(disc).state_dict().items()}}
-    path = Path(out_dir) / "checkpoint.pt"
-    if accelerator.is_main_process:
-        path = save_checkpoint(out_dir, kind=KIND, config=config, state=state, provenance=provenance,
-                               history=history, accelerator=accelerator)
-    accelerator.wait_for_everyone()
-    return path
+    return save_on_main(accelerator, out_dir, kind=KIND, config=config, state=state, provenance=provenance,
+                        history=history)
 
 
 def load(checkpoint: Path | dict, *, resolution: int | None = None) -> tuple[Generator, GANConfig, dict]:

@@ -107,6 +107,17 @@ def save_checkpoint(out_dir: Path, *, kind: str, config, state: dict, provenance
     return path
 
 
+def save_on_main(accelerator: Accelerator, out_dir: Path, *, kind: str, config, state: dict,
+                 provenance: Provenance, history: dict) -> Path:
+    """Save the checkpoint from the main process only, then let every process return its path."""
+    path = Path(out_dir) / CHECKPOINT_FILE
+    if accelerator.is_main_process:
+        path = save_checkpoint(out_dir, kind=kind, config=config, state=state, provenance=provenance,
+                               history=history, accelerator=accelerator)
+    accelerator.wait_for_everyone()
+    return path
+
+
 def load_checkpoint(path: Path, *, kind: str | None, resolution: int | None = None) -> dict:
     """Load a checkpoint written by `save_checkpoint`, checking its kind (None: any) and its resolution."""
     path = Path(path)

@@ -13,14 +13,6 @@ from segment.superpixels import SuperpixelParams, superpixels
 from segment.train import SegmenterConfig, training_sampler
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy shared machine it stalls them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 @pytest.fixture(scope="module")

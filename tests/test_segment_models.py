@@ -14,14 +14,6 @@ from segment.predict import largest_component, make_predictor
 from segment.train import SegmenterConfig, build_model, load, save_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy shared machine it stalls them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 R = 32
 TINY = dict(width=4, depth=2, dilated_blocks=1, embed_dim=8, resolution=R)

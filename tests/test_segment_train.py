@@ -19,14 +19,6 @@ from segment.protocol import evaluate, make_folds
 from segment.train import SegmenterConfig, finetune, load, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy shared machine it stalls them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = SegmenterConfig(width=4, depth=2, dilated_blocks=1, embed_dim=8, resolution=32, steps=6, batch=2,

@@ -35,24 +35,41 @@ STAGE_VERSIONS = {"superpixels": "1", "generator-pretrain": "1", "generator": "1
 STAGES = ("prepare", *STAGE_VERSIONS)
 
 
+class NotCached(Exception):
+    """A stage entry is missing while the runner was asked to use cached entries only."""
+
+
+def log_record(log: logging.Logger, r: dict) -> None:
+    log.info("%-18s %-44s %s %s", r["stage"], r["label"], "ran" if r["ran"] else "cached", f"({r['seconds']} s, {r['key']})")
+
+
 @dataclass
 class StageRunner:
-    """Runs one stage entry through the cache, logs whether it ran or was cached, and keeps a record."""
+    """Runs one stage entry through the cache, logs whether it ran or was cached, and keeps a record.
+
+    With `cached_only`, a missing entry raises `NotCached` instead of running, and nothing is logged:
+    the runner uses it to find, in-process and cheaply, the units that need no work at all.
+    """
 
     cache: StageCache
     force: frozenset[str]
     log: logging.Logger
     records: list[dict] = field(default_factory=list)
+    cached_only: bool = False
 
     def __call__(self, stage: str, label: str, config: dict, inputs: dict[str, str], produce) -> tuple[Path, str]:
         key = stage_key(stage, STAGE_VERSIONS[stage], config, inputs)
+        if self.cached_only and not self.cache.done(stage, key):
+            raise NotCached(stage)
         if stage in self.force and self.cache.done(stage, key):
             self.cache.remove(stage, key)
         start = time.perf_counter()
         entry = self.cache.run(stage, key, produce, meta={"label": label, "config": config, "inputs": inputs})
-        seconds = round(time.perf_counter() - start, 2)
-        self.log.info("%-18s %-44s %s %s", stage, label, "ran" if entry.ran else "cached", f"({seconds} s, {key})")
-        self.records.append({"stage": stage, "label": label, "key": key, "ran": entry.ran, "seconds": seconds})
+        record = {"stage": stage, "label": label, "key": key, "ran": entry.ran,
+                  "seconds": round(time.perf_counter() - start, 2)}
+        if not self.cached_only:
+            log_record(self.log, record)
+        self.records.append(record)
         return entry.path, key
 
 
@@ -92,15 +109,16 @@ def select(cfg: ExperimentConfig, data: PreparedData) -> tuple[list[Fold], tuple
 
 
 def _unit(cfg: ExperimentConfig, fold: Fold, seed: int, classes: tuple[str, ...], sp_key: str,
-          force: frozenset[str], out: str) -> tuple[list[dict], list[dict], dict]:
+          force: frozenset[str], out: str, data: PreparedData | None = None,
+          cached_only: bool = False) -> tuple[list[dict], list[dict], dict]:
     """One (fold, seed) unit in its own process or in the caller's: every stage from generators to scores."""
     log = logging.getLogger("supportforge")
     if not log.handlers:
         log = setup_logging(Path(out))
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
-    runner = StageRunner(StageCache(cfg.run.cache), force, log)
-    data = load_data(cfg)
+    runner = StageRunner(StageCache(cfg.run.cache), force, log, cached_only=cached_only)
+    data = data or load_data(cfg)
     rows, extras = stages.run_unit(cfg, data, fold, seed, classes, sp_key, runner)
     return rows, runner.records, extras
 
@@ -123,11 +141,23 @@ def run_experiment(cfg: ExperimentConfig, *, force: tuple[str, ...] = ()) -> dic
     units = [(fold, seed) for fold in folds for seed in cfg.protocol.seeds]
     rows, extras = [], []
     args = [(cfg, fold, seed, classes, sp_key, frozenset(force), str(out)) for fold, seed in units]
-    if cfg.run.jobs > 1 and len(units) > 1:
+    results = [None] * len(args)
+    for i, a in enumerate(args if not force else []):  # units with nothing to do need no worker process
+        try:
+            results[i] = _unit(*a, data=data, cached_only=True)
+            for record in results[i][1]:
+                log_record(log, record)
+        except NotCached:
+            pass
+    todo = [i for i, r in enumerate(results) if r is None]
+    if cfg.run.jobs > 1 and len(todo) > 1:
         with ProcessPoolExecutor(cfg.run.jobs, mp_context=mp.get_context("spawn")) as pool:
-            results = list(tqdm(pool.map(_unit, *zip(*args)), total=len(units), desc="units", unit="unit"))
+            done = list(tqdm(pool.map(_unit, *zip(*[args[i] for i in todo])), total=len(todo), desc="units",
+                             unit="unit"))
     else:
-        results = [_unit(*a) for a in tqdm(args, desc="units", unit="unit")]
+        done = [_unit(*args[i], data=data) for i in tqdm(todo, desc="units", unit="unit")]
+    for i, result in zip(todo, done):
+        results[i] = result
     for unit_rows, records, unit_extras in results:
         rows += unit_rows
         runner.records += records

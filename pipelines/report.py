@@ -129,7 +129,8 @@ def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict
         lines += verdict_lines([t for t in tests if t["baseline"] == baseline])
     lines += ["", "A gain is claimed only where the mean paired difference is positive and the two-sided "
               "Wilcoxon signed-rank test over query volumes gives p < 0.05. Every arm used the same folds, "
-              "seeds and query volumes.", ""]
+              f"seeds and query volumes. The {len(tests)} p-values are not corrected for multiple comparisons: "
+              "a single gain or loss near p = 0.05 among many arms is weak evidence.", ""]
     for protocol in protocols:
         lines += [f"## {protocol}: mean Dice (%) ± std over folds and seeds", ""] + _summary_table(summary, protocol)
         lines += ["", f"### {protocol}: paired differences over query volumes", ""] + _tests_table(tests, protocol) + [""]

@@ -154,7 +154,7 @@ def _tasks(protocol: str, support, query, class_id: int, n_chunks: int):
     return [(middle, np.arange(len(query.images)))]
 
 
-def evaluate(predictor: Predictor, data: PreparedData, folds: list[Fold], *, classes: list[str] | tuple[str, ...],
+def evaluate(predictor: Predictor | None, data: PreparedData, folds: list[Fold], *, classes: list[str] | tuple[str, ...],
              protocol: str = "EP1", n_chunks: int = 3, on_prediction: PredictionHook | None = None,
              predictor_for_fold: Callable[[Fold, str], Predictor] | None = None) -> dict:
     """Score a predictor under EP1 or EP2: Dice per class per query volume per fold, plus the means.
@@ -164,6 +164,8 @@ def evaluate(predictor: Predictor, data: PreparedData, folds: list[Fold], *, cla
     """
     if protocol not in PROTOCOLS:
         raise DataError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if predictor is None and predictor_for_fold is None:
+        raise ValueError("evaluate needs a predictor or a predictor_for_fold")
     for name in classes:
         data.spec.class_id(name)
     fold_rows, skipped = [], []

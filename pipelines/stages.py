@@ -188,8 +188,9 @@ def synthetic_pairs(data, fold, class_name, synth: dict[str, tuple[Path, str]], 
     from augment.synthesis import load_set
     from segment import train as seg_train
     from segment.predict import make_predictor
-    images = [load_set(path / "set").images[:limit] for path, _ in synth.values()]
-    masks = [load_set(path / "set").masks[:limit] for path, _ in synth.values()]
+    sets = [load_set(path / "set") for path, _ in synth.values()]
+    images = [syn.images[:limit] for syn in sets]
+    masks = [syn.masks[:limit] for syn in sets]
     if not images:
         return torch.empty(0, 1, data.resolution, data.resolution), torch.empty(0, 1, data.resolution, data.resolution)
     images, masks = torch.cat(images), torch.cat(masks)
@@ -371,8 +372,9 @@ def report_stage(cfg: ExperimentConfig, data: PreparedData, rows: list[dict], ex
                 report.overlay_figure(_overlay_panels(evals, model, protocol), folder / name,
                                       cols=len(rows_classes(rows)) * cfg.run.overlays)
                 figures[f"Query overlays, {model}, {protocol}: truth green, prediction red"] = name
+        first_fold = make_folds(data.ids, data.spec.n_folds)[extras[0]["fold"]]
         for c in dict.fromkeys(k.split("|")[1] for k in synth):
-            images, masks, _ = support_pairs(data, make_folds(data.ids, data.spec.n_folds)[extras[0]["fold"]], c)
+            images, masks, _ = support_pairs(data, first_fold, c)
             grid = {"real supports": (images, masks)}
             grid |= {s: load_set(Path(p) / "set") for s_c, p in synth.items() for s in [s_c.split("|")[0]]
                      if s_c.endswith(f"|{c}")}

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def prepare(spec: DatasetSpec, data_dir: str | Path, *, resolution: int, cache_d
     images = _normalise(spec, [im for im, _ in raw])
     volumes = tuple(Volume(vid, _resize(im, resolution, labels=False), _resize(lb, resolution, labels=True))
                     for vid, im, (_, lb) in zip(ids, images, raw))
-    _write_atomically(folder, volumes, {"key": key, "spec": spec.to_dict(), "resolution": resolution,
+    write_atomically(folder, _save_volumes(volumes), {"key": key, "spec": spec.to_dict(), "resolution": resolution,
                                         "source": str(data_dir), "volumes": ids, "version": SLICES_VERSION})
     return PreparedData(spec, resolution, volumes, key, folder, data_dir)
 
@@ -156,17 +157,24 @@ def _load_volume(folder: Path, vid: str) -> Volume:
         return Volume(vid, z["images"], z["labels"])
 
 
-def _write_atomically(folder: Path, volumes: tuple[Volume, ...], meta: dict) -> None:
+def write_atomically(folder: Path, fill: Callable[[Path], None], meta: dict) -> None:
+    """Let `fill` write into a temporary folder, add meta.json, then rename it to `folder` in one step."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        for v in volumes:
-            np.savez(tmp / f"volume_{v.id}.npz", images=v.images, labels=v.labels)
+        fill(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
             os.rename(tmp, folder)
-        except OSError:  # another run finished the same folder first: its content is identical
+        except OSError:  # another run finished the same folder first: same key, same content
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _save_volumes(volumes: tuple[Volume, ...]) -> Callable[[Path], None]:
+    def fill(tmp: Path) -> None:
+        for v in volumes:
+            np.savez(tmp / f"volume_{v.id}.npz", images=v.images, labels=v.labels)
+    return fill

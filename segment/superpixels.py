@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from skimage.segmentation import felzenszwalb
 from tqdm import tqdm
 
 from segment.config import SuperpixelParams  # noqa: F401 (re-exported)
+from segment.slices import write_atomically
 
 SUPERPIXELS_VERSION = "1"  # bump when the computation below changes what it writes
 
@@ -69,26 +67,14 @@ def superpixels(data, *, params: SuperpixelParams = SuperpixelParams(), cache_di
     if not (folder / "meta.json").is_file():
         maps = {v.id: volume_superpixels(v.images, params)
                 for v in tqdm(data.volumes, desc="superpixels", unit="vol", leave=False)}
-        _write_atomically(folder, maps, {"key": key, "data": data.key, "params": asdict(params)})
+        def fill(tmp: Path) -> None:
+            for vid, segments in maps.items():
+                np.savez_compressed(tmp / f"superpixels_{vid}.npz", segments=segments)
+
+        write_atomically(folder, fill, {"key": key, "data": data.key, "params": asdict(params)})
     wanted = data.ids if volume_ids is None else volume_ids
     out = {}
     for vid in wanted:
         with np.load(folder / f"superpixels_{vid}.npz") as z:
             out[vid] = z["segments"]
     return out
-
-
-def _write_atomically(folder: Path, maps: dict[str, np.ndarray], meta: dict) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        for vid, segments in maps.items():
-            np.savez_compressed(tmp / f"superpixels_{vid}.npz", segments=segments)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another run wrote the same folder first: same key, same content
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

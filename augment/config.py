@@ -12,6 +12,13 @@ PREDICTIONS = ("epsilon", "v_prediction")
 PRECISIONS = ("no", "bf16", "fp16")
 
 
+def _check_steps(owner: str, pretrain_steps: int, finetune_steps: int) -> None:
+    """Step counts are >= 0 (0 skips the phase); a negative count would silently train nothing."""
+    for name, value in (("pretrain_steps", pretrain_steps), ("finetune_steps", finetune_steps)):
+        if value < 0:
+            raise ValueError(f"{owner}.{name} must be >= 0, got {value}")
+
+
 @dataclass(frozen=True)
 class DDPMConfig:
     """Everything that defines a DDPM generator; saved in its checkpoint so the file rebuilds the model."""
@@ -54,6 +61,7 @@ class DDPMConfig:
         for name in ("batch_size", "sample_steps", "sample_batch", "train_timesteps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DDPMConfig.{name} must be >= 1, got {getattr(self, name)}")
+        _check_steps("DDPMConfig", self.pretrain_steps, self.finetune_steps)
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ class GANConfig:
         if self.disc_scales < 1 or self.disc_layers < 1 or self.batch_size < 1:
             raise ValueError(f"GANConfig: disc_scales, disc_layers and batch_size must be >= 1, got "
                              f"{self.disc_scales}, {self.disc_layers}, {self.batch_size}")
+        _check_steps("GANConfig", self.pretrain_steps, self.finetune_steps)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_phantom(args: argparse.Namespace) -> None:
+    """Write the phantom into a new or empty folder (write_phantom refuses anything else)."""
     paths = write_phantom(args.out, n_volumes=args.volumes, size=args.size, depth=args.depth, seed=args.seed)
     print(f"wrote {len(paths)} files to {args.out}")
 
@@ -87,14 +88,23 @@ def cmd_cache(args: argparse.Namespace) -> None:
             print(f"{r['stage']:<20} {r['key']}  {r['bytes'] / 1e6:8.2f} MB  {r['created']}")
         print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB in {cache.root}")
         return
-    keep = None
-    if args.keep:
-        keep = set()
-        for run_dir in args.keep:
-            records = json.loads((Path(run_dir) / "stages.json").read_text())["records"]
-            keep |= {(r["stage"], r["key"]) for r in records}
+    keep = _kept_entries(args.keep) if args.keep else None  # every run folder is read before anything is removed
     removed = cache.gc(keep)
     print(f"removed {len(removed)} entries or leftovers from {cache.root}")
+
+
+def _kept_entries(run_dirs: list[str]) -> set[tuple[str, str]]:
+    """The (stage, key) pairs the given run folders used, from their stages.json."""
+    keep: set[tuple[str, str]] = set()
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "stages.json"
+        try:
+            records = json.loads(path.read_text())["records"]
+            keep |= {(r["stage"], r["key"]) for r in records}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"cache gc --keep {run_dir}: cannot read the run's stages from {path} "
+                              f"({type(err).__name__}: {err}); give run folders of `supportforge run`") from None
+    return keep
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (DataError, ConfigError) as err:
         print(f"supportforge: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a folder that cannot be written or read: one line naming it, not a traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"supportforge: error: {where}{err.strerror or err}; check that the path exists and may be written",
+              file=sys.stderr)
         return 2
     return 0
 

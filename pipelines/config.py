@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segment.protocol import PROTOCOLS, SETTINGS
+from segment.config import MODELS, PROTOCOLS, RESOLUTIONS, SETTINGS  # torch-free: loading a config imports no torch
 
-MODELS = ("prototype", "conditional")
 CLASSICAL = "classical"
 
 
@@ -26,14 +25,63 @@ class ConfigError(ValueError):
     """An experiment config that cannot run as written."""
 
 
+def _no_repeats(where: str, values: tuple) -> None:
+    """A repeated fold, seed, protocol, class or model would duplicate rows and invent significance."""
+    repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+    if repeated:
+        raise ConfigError(f"{where} = {list(values)}; {repeated} repeat(s): give each value once")
+
+
+def _check_pair_use(where: str, filter_dice: float | None, max_test_supports: int | None) -> None:
+    if filter_dice is not None and not 0.0 <= filter_dice <= 1.0:
+        raise ConfigError(f"{where} filter_dice = {filter_dice}; it is a Dice threshold in [0, 1] (0 keeps every pair)")
+    if max_test_supports is not None and max_test_supports < 0:
+        raise ConfigError(f"{where} max_test_supports = {max_test_supports}; it must be >= 0")
+
+
+def _check_output_folder(key: str, value: str, example: str) -> None:
+    """[run] out and cache must be folders of their own: not empty, not the working folder (the repository
+    root when run from it) or any folder above it, where a report or `cache gc` would mix with other files."""
+    if not value.strip():
+        raise ConfigError(f"[run] {key} = {value!r}; give a folder of its own, e.g. {example!r}")
+    folder = Path(value).resolve()
+    if Path.cwd().resolve().is_relative_to(folder):
+        raise ConfigError(f"[run] {key} = {value!r} resolves to {folder}, the working folder or one above it; "
+                          f"give a folder of its own, e.g. {example!r}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    path: str  # folder of image_N / label_N volumes; relative paths are taken from the working folder
+    """Where the volumes come from: a data folder (read only, never written) or the built-in phantom."""
+
+    path: str | None = None  # folder of image_N / label_N volumes; relative paths are taken from the working folder
     spec: str | None = None  # built-in spec name or spec TOML; default: dataset.toml in the data folder
     resolution: int = 128
-    phantom: bool = False  # write the built-in phantom to `path` first when it is missing
+    phantom: bool = False  # the data is the built-in phantom, built once under [run] cache (no path, no spec)
     phantom_volumes: int = 8
     phantom_size: int = 96
+    phantom_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.resolution not in RESOLUTIONS:
+            raise ConfigError(f"[data] resolution = {self.resolution}; it must be a multiple of "
+                              f"{RESOLUTIONS.step} from {RESOLUTIONS.start} to {RESOLUTIONS[-1]}")
+        if not self.phantom:
+            if not self.path:
+                raise ConfigError(f"[data] path = {self.path!r}; give the folder of volumes, or phantom = true "
+                                  f"for the built-in phantom")
+            return
+        for key in ("path", "spec"):
+            if getattr(self, key) is not None:
+                raise ConfigError(f"[data] {key} = {getattr(self, key)!r} with phantom = true; the phantom is "
+                                  f"built under [run] cache with its own spec: remove {key} (or run with --data "
+                                  f"to use a data folder instead)")
+        if not 2 <= self.phantom_volumes <= 64:
+            raise ConfigError(f"[data] phantom_volumes = {self.phantom_volumes}; it must be in 2..64")
+        if not 16 <= self.phantom_size <= 512:
+            raise ConfigError(f"[data] phantom_size = {self.phantom_size}; it must be in 16..512")
+        if self.phantom_seed < 0:
+            raise ConfigError(f"[data] phantom_seed = {self.phantom_seed}; it must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -51,8 +99,17 @@ class ProtocolConfig:
         bad = [p for p in self.protocols if p not in PROTOCOLS]
         if bad or not self.protocols:
             raise ConfigError(f"[protocol] protocols = {list(self.protocols)}; choose from {list(PROTOCOLS)}")
-        if not self.seeds:
-            raise ConfigError("[protocol] seeds is empty; give at least one seed")
+        for key, hint in (("folds", "leave folds out for every fold"), ("classes", "leave classes out for every class"),
+                          ("seeds", "give at least one seed")):
+            if getattr(self, key) == ():
+                raise ConfigError(f"[protocol] {key} = []; {hint}")
+        for key in ("folds", "seeds"):
+            negative = [v for v in getattr(self, key) or () if v < 0]
+            if negative:
+                raise ConfigError(f"[protocol] {key} = {list(getattr(self, key))}; {negative} are negative, "
+                                  f"expected values >= 0")
+        for key in ("protocols", "folds", "classes", "seeds"):
+            _no_repeats(f"[protocol] {key}", getattr(self, key) or ())
 
 
 @dataclass(frozen=True)
@@ -65,8 +122,10 @@ class SynthesisConfig:
     filter_dice: float = 0.0  # keep only pairs whose mask the real-data segmenter recovers with this Dice (0: all)
 
     def __post_init__(self) -> None:
-        if self.n_pairs < 1:
-            raise ConfigError(f"[synthesis] n_pairs = {self.n_pairs}; it must be >= 1")
+        for key in ("n_pairs", "finetune_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"[synthesis] {key} = {getattr(self, key)}; it must be >= 1")
+        _check_pair_use("[synthesis]", self.filter_dice, self.max_test_supports)
 
 
 @dataclass(frozen=True)
@@ -80,6 +139,12 @@ class Arm:
     in_training: bool | None = None
     at_test: bool | None = None
     max_test_supports: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("[[arms]] name = ''; every arm needs a name")
+        _no_repeats(f"[arms.{self.name}] sources", self.sources)
+        _check_pair_use(f"[arms.{self.name}]", self.filter_dice, self.max_test_supports)
 
     def synthesis(self, base: SynthesisConfig) -> SynthesisConfig:
         """The [synthesis] settings this arm runs with."""
@@ -97,6 +162,13 @@ class RunConfig:
     cpu: bool = True  # accelerate's cpu flag; false lets it take a GPU
     overlays: int = 1  # query slices drawn per arm, model and class in the report
 
+    def __post_init__(self) -> None:
+        for key, low in (("jobs", 1), ("threads", 0), ("overlays", 0)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"[run] {key} = {getattr(self, key)}; it must be >= {low}")
+        for key, example in (("out", "runs/experiment"), ("cache", ".cache/supportforge")):
+            _check_output_folder(key, getattr(self, key), example)
+
 
 @dataclass(frozen=True)
 class ExperimentConfig:
@@ -109,6 +181,17 @@ class ExperimentConfig:
     synthesis: SynthesisConfig = SynthesisConfig()
     arms: tuple[Arm, ...] = (Arm("real-only"),)
     run: RunConfig = RunConfig()
+
+    def __post_init__(self) -> None:
+        _no_repeats("models", self.models)
+        if self.data.path is None:
+            return
+        data = Path(self.data.path).resolve()
+        for key in ("out", "cache"):
+            folder = Path(getattr(self.run, key)).resolve()
+            if folder.is_relative_to(data):
+                raise ConfigError(f"[run] {key} = {getattr(self.run, key)!r} lies inside the data folder "
+                                  f"{self.data.path!r}; SupportForge never writes into a data folder: choose another")
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -160,11 +243,13 @@ def parse(raw: dict, *, source: str = "config") -> ExperimentConfig:
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) or key(s) {unknown}; valid ones are {list(known)}")
     if "data" not in raw:
-        raise ConfigError(f"{source}: missing [data] section (path = the folder of volumes)")
-    models = tuple(raw.get("models", MODELS))
+        raise ConfigError(f"{source}: missing [data] section (path = the folder of volumes, or phantom = true)")
+    _check_shapes(raw, source)
+    models = _coerce(raw.get("models", list(MODELS)), tuple[str, ...], "models")
     bad = [m for m in models if m not in MODELS]
     if bad or not models:
         raise ConfigError(f"{source}: models = {list(models)}; choose from {list(MODELS)}")
+    _check_phantom_keys(raw["data"])
     generators = raw.get("generators", {})
     _check_stage_sections(raw, source)
     arms = tuple(build(Arm, a, f"arms.{a.get('name', i)}") for i, a in enumerate(raw.get("arms", [{"name": "real-only"}])))
@@ -175,6 +260,26 @@ def parse(raw: dict, *, source: str = "config") -> ExperimentConfig:
         segment=dict(raw.get("segment", {})), generators={k: dict(v) for k, v in generators.items()},
         synthesis=build(SynthesisConfig, raw.get("synthesis", {}), "synthesis"), arms=arms,
         run=build(RunConfig, raw.get("run", {}), "run"))
+
+
+def _check_shapes(raw: dict, source: str) -> None:
+    """Sections are tables and [[arms]] an array of tables, before anything reads them as such."""
+    for section in ("data", "protocol", "segment", "generators", "synthesis", "run"):
+        if not isinstance(raw.get(section, {}), dict):
+            raise ConfigError(f"{source}: [{section}] must be a table, got {raw[section]!r}")
+    for name, table in raw.get("generators", {}).items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [generators.{name}] must be a table, got {table!r}")
+    arms = raw.get("arms", [])
+    if not isinstance(arms, list) or not all(isinstance(a, dict) for a in arms):
+        raise ConfigError(f"{source}: arms = {arms!r}; write each arm as an [[arms]] table with name and sources")
+
+
+def _check_phantom_keys(data: dict) -> None:
+    """phantom_* keys only make sense with phantom = true; elsewhere they would be silently ignored."""
+    stray = sorted(k for k in data if k.startswith("phantom_")) if not data.get("phantom") else []
+    if stray:
+        raise ConfigError(f"[data] {stray} are set but phantom is not true; remove them or set phantom = true")
 
 
 def _check_stage_sections(raw: dict, source: str) -> None:
@@ -212,7 +317,8 @@ def _check_arms(arms: tuple[Arm, ...], generators: dict, source: str) -> None:
 
 
 def load(path: str | Path, *, data: str | None = None) -> ExperimentConfig:
-    """Read and validate an experiment TOML; `data` overrides [data] path (the CLI's --data)."""
+    """Read and validate an experiment TOML; `data` overrides [data] path and turns the phantom off (the CLI's
+    --data)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -220,8 +326,11 @@ def load(path: str | Path, *, data: str | None = None) -> ExperimentConfig:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
-    if data is not None:
-        raw.setdefault("data", {})["path"] = data
+    if data is not None:  # a data folder replaces the phantom: drop its keys
+        table = raw.setdefault("data", {})
+        if isinstance(table, dict):
+            raw["data"] = {k: v for k, v in table.items() if k != "phantom" and not k.startswith("phantom_")}
+            raw["data"]["path"] = data
     return parse(raw, source=str(path))
 
 

@@ -10,6 +10,7 @@ stage's code version, so a config change re-runs exactly the stages downstream o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -24,9 +25,9 @@ from tqdm import tqdm
 from pipelines import stages
 from pipelines.cache import StageCache, stage_key
 from pipelines.config import ConfigError, ExperimentConfig, as_dict
-from segment.phantom import write_phantom
+from segment.phantom import PHANTOM_VERSION, write_phantom
 from segment.protocol import Fold, make_folds
-from segment.slices import PreparedData, prepare
+from segment.slices import PreparedData, prepare, write_atomically
 from segment.volumes import resolve_spec
 
 # Bump a stage's version when its code changes what it writes: every entry of it, and downstream, re-runs.
@@ -85,12 +86,23 @@ def setup_logging(out: Path) -> logging.Logger:
     return log
 
 
+def phantom_folder(cfg: ExperimentConfig) -> Path:
+    """The built-in phantom of `cfg`, built once under the cache at a path named by a hash of everything
+    that decides its files, and written atomically. A data folder is never written: only this one."""
+    d = cfg.data
+    params = {"version": PHANTOM_VERSION, "volumes": d.phantom_volumes, "size": d.phantom_size, "seed": d.phantom_seed}
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:20]
+    folder = Path(cfg.run.cache) / "phantom" / f"phantom-{key}"
+    if not (folder / "meta.json").is_file():
+        write_atomically(folder, lambda tmp: write_phantom(tmp, n_volumes=d.phantom_volumes, size=d.phantom_size,
+                                                           seed=d.phantom_seed), params)
+    return folder
+
+
 def load_data(cfg: ExperimentConfig) -> PreparedData:
-    """Check the config against the dataset spec, then prepare the slices (writing the phantom first
-    where the config asks for it). Nothing is written before the checks pass."""
-    path = Path(cfg.data.path)
-    if cfg.data.phantom and not (path / "dataset.toml").is_file():
-        write_phantom(path, n_volumes=cfg.data.phantom_volumes, size=cfg.data.phantom_size, seed=0)
+    """Check the config against the dataset spec, then prepare the slices. Only the phantom (under the
+    cache) is written before the checks pass; a data folder is only ever read."""
+    path = phantom_folder(cfg) if cfg.data.phantom else Path(cfg.data.path)
     spec = resolve_spec(path, cfg.data.spec)
     unknown = [c for c in cfg.protocol.classes or () if c not in spec.classes]
     if unknown:

@@ -9,6 +9,9 @@ from dataclasses import dataclass, fields
 
 MODELS = ("prototype", "conditional")
 SETTINGS = (1, 2)
+PROTOCOLS = ("EP1", "EP2")
+# Working resolutions: multiples of 8 (the encoders halve the map up to 3 times) from 16 to 1024 px.
+RESOLUTIONS = range(16, 1025, 8)
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class SegmenterConfig:
         for name in ("width", "depth", "embed_dim", "resolution", "steps", "batch", "n_supports", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SegmenterConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"SegmenterConfig.warmup must be >= 0, got {self.warmup}")
         if self.lr <= 0:
             raise ValueError(f"SegmenterConfig.lr must be > 0, got {self.lr}")
         if min(self.mix_superpixel, self.mix_supervised, self.mix_pairs) < 0:

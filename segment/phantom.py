@@ -14,7 +14,9 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from segment.volumes import SPEC_DIR
+from segment.volumes import SPEC_DIR, DataError
+
+PHANTOM_VERSION = "1"  # bump when a change below changes the files: cached phantoms are then rebuilt
 
 # name, label id, centre (z, y, x) and semi-axes as fractions of the volume, mean intensity
 _ORGANS = (
@@ -23,7 +25,6 @@ _ORGANS = (
     ("left_kidney", 3, (0.40, 0.60, 0.64), (0.20, 0.08, 0.06), 0.85),
     ("spleen", 4, (0.62, 0.55, 0.68), (0.18, 0.09, 0.08), 0.65),
 )
-
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
@@ -62,10 +63,20 @@ def phantom_volume(seed: int, index: int, *, size: int = 96, depth: int = 24) ->
 
 def write_phantom(out_dir: str | Path, *, n_volumes: int = 8, size: int = 96, depth: int = 24, seed: int = 0,
                   n_folds: int = 2) -> list[Path]:
-    """Write `n_volumes` phantom volumes as image_N/label_N .nii.gz plus dataset.toml; returns the paths."""
-    if n_volumes < 1 or size < 16 or depth < 6:
-        raise ValueError(f"phantom needs n_volumes >= 1, size >= 16, depth >= 6; got {n_volumes}, {size}, {depth}")
+    """Write `n_volumes` phantom volumes as image_N/label_N .nii.gz plus dataset.toml; returns the paths.
+
+    `out_dir` must be new or an empty folder: the phantom never overwrites or mixes with other files.
+    """
+    for name, value, low, high in (("volumes", n_volumes, 1, 200), ("size", size, 16, 512), ("depth", depth, 6, 256),
+                                   ("seed", seed, 0, 2**32 - 1), ("n_folds", n_folds, 1, n_volumes)):
+        if not low <= value <= high:
+            raise DataError(f"phantom {name} = {value}; it must be in {low}..{high}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"phantom: {out} exists and is not a folder; give a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise DataError(f"phantom: {out} is not empty; refusing to overwrite or mix with its files, give a new "
+                        f"or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     affine = np.diag([1.25 * 256 / size, 1.25 * 256 / size, 7.7, 1.0])
     written = []

@@ -39,11 +39,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from segment.config import PROTOCOLS, SETTINGS  # defined torch-free so configs validate without torch
 from segment.slices import PreparedData
 from segment.volumes import DataError, DatasetSpec
-
-PROTOCOLS = ("EP1", "EP2")
-SETTINGS = (1, 2)
 
 # (support images (S, 1, H, W), support masks (S, 1, H, W) in {0, 1}, query images (Q, 1, H, W))
 #   -> query masks (Q, 1, H, W), probabilities or {0, 1}; thresholded at 0.5.

@@ -17,14 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from segment.config import RESOLUTIONS
 from segment.volumes import DataError, DatasetSpec, find_volume_ids, load_raw_volume
 
-SLICES_VERSION = "1"  # bump when the preparation below changes what it writes
+SLICES_VERSION = "2"  # bump when the preparation below changes what it writes
 
 
 @dataclass(frozen=True)
@@ -102,18 +104,60 @@ def _resize(volume: np.ndarray, resolution: int, *, labels: bool) -> np.ndarray:
     return y[:, 0].numpy().astype(np.float32)
 
 
-def _normalise(spec: DatasetSpec, images: list[np.ndarray]) -> list[np.ndarray]:
-    """MRI: per-volume z-score. CT: clip to the HU window, then one z-score over the whole dataset."""
+def _zscore(x: np.ndarray, mean: float, std: float) -> np.ndarray:
+    return ((x - mean) / std).astype(np.float32)
+
+
+def _normalise(spec: DatasetSpec, images: list[np.ndarray], files: list[str]) -> list[np.ndarray]:
+    """MRI: per-volume z-score. CT: clip to the HU window, then one z-score over the whole dataset.
+
+    In float64, after dividing by the largest |intensity| (a z-score does not change under scaling), so
+    no finite intensity overflows: an image scaled by 1e30 gives the same slices as the original.
+    """
     if spec.normalisation == "zscore":
-        return [((im - im.mean()) / im.std()).astype(np.float32) for im in images]
+        out = []
+        for im, file in zip(images, files):
+            x = im.astype(np.float64)
+            x /= np.abs(x).max()
+            out.append(_checked(_zscore(x, x.mean(), x.std()), file))
+        return out
     low, high = spec.window
-    clipped = [np.clip(im, low, high) for im in images]
+    clipped = [np.clip(im.astype(np.float64), low, high) for im in images]
+    scale = max(float(np.abs(c).max()) for c in clipped) or 1.0
+    clipped = [c / scale for c in clipped]
     n = sum(c.size for c in clipped)
-    mean = sum(float(c.sum(dtype=np.float64)) for c in clipped) / n
-    var = sum(float(((c - mean) ** 2).sum(dtype=np.float64)) for c in clipped) / n
+    mean = sum(float(c.sum()) for c in clipped) / n
+    var = sum(float(((c - mean) ** 2).sum()) for c in clipped) / n
     if var == 0.0:
         raise DataError(f"dataset {spec.name!r}: every voxel lies outside the window {spec.window}")
-    return [((c - mean) / np.sqrt(var)).astype(np.float32) for c in clipped]
+    return [_checked(_zscore(c, mean, np.sqrt(var)), file) for c, file in zip(clipped, files)]
+
+
+def _checked(normalised: np.ndarray, file: str) -> np.ndarray:
+    """A normalised volume must be finite and not constant: never silently all zeros."""
+    if not np.isfinite(normalised).all() or float(normalised.std()) == 0.0:
+        raise DataError(f"{file}: intensities cannot be normalised (the z-score is not finite or is constant)")
+    return normalised
+
+
+def memory_budget() -> int:
+    """Bytes the prepared slices may take: half the machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def _check_memory(spec: DatasetSpec, data_dir: Path, ids: list[str], resolution: int) -> None:
+    """Refuse, before reading any voxel, slices that would not fit: slices x R x R x 4 bytes, twice
+    (resized images and the working copies). Slice counts come from the NIfTI headers."""
+    n_slices = 0
+    for vid in ids:
+        try:
+            n_slices += int(nib.load(data_dir / spec.image_pattern.format(id=vid)).shape[2])
+        except Exception:  # an unreadable file is reported, with its reason, when it is loaded
+            continue
+    needed, budget = n_slices * resolution * resolution * 4 * 2, memory_budget()
+    if needed > budget:
+        raise DataError(f"resolution {resolution}: {n_slices} slices need about {needed / 1e9:.3g} GB, more than "
+                        f"the {budget / 1e9:.3g} GB allowed (half the physical memory); lower the resolution")
 
 
 def prepare(spec: DatasetSpec, data_dir: str | Path, *, resolution: int, cache_dir: str | Path,
@@ -123,16 +167,21 @@ def prepare(spec: DatasetSpec, data_dir: str | Path, *, resolution: int, cache_d
     All volumes are read and checked before anything is written. `min_volumes` defaults to the spec's
     number of folds: fewer volumes than folds cannot form the protocol.
     """
-    if resolution < 16 or resolution % 8:
-        raise DataError(f"resolution must be a multiple of 8 and at least 16, got {resolution}")
+    if resolution not in RESOLUTIONS:
+        raise DataError(f"resolution must be a multiple of {RESOLUTIONS.step} from {RESOLUTIONS.start} to "
+                        f"{RESOLUTIONS[-1]}, got {resolution}")
     data_dir = Path(data_dir).resolve()
     ids = find_volume_ids(spec, data_dir)
     needed = spec.n_folds if min_volumes is None else min_volumes
     if len(ids) < needed:
         raise DataError(f"{data_dir}: {len(ids)} volume(s) found but spec {spec.name!r} has {spec.n_folds} folds; "
                         f"need at least {needed} volumes")
+    _check_memory(spec, data_dir, ids, resolution)
     key = cache_key(spec, data_dir, ids, resolution)
     folder = Path(cache_dir) / "slices" / f"{spec.name}-{resolution}-{key}"
+    if folder.resolve().parent != folder.parent.resolve():  # specs check their names; this guards any other path
+        raise DataError(f"spec name {spec.name!r} would place slices at {folder.resolve()}, outside the cache "
+                        f"{folder.parent.resolve()}")
     if (folder / "meta.json").is_file():
         volumes = tuple(_load_volume(folder, vid) for vid in ids)
         return PreparedData(spec, resolution, volumes, key, folder, data_dir)
@@ -144,7 +193,8 @@ def prepare(spec: DatasetSpec, data_dir: str | Path, *, resolution: int, cache_d
     if absent:
         raise DataError(f"{data_dir}: spec {spec.name!r} class(es) {', '.join(absent)} appear in no label file; "
                         f"fix the spec's [labels] or the data")
-    images = _normalise(spec, [im for im, _ in raw])
+    files = [str(data_dir / spec.image_pattern.format(id=vid)) for vid in ids]
+    images = _normalise(spec, [im for im, _ in raw], files)
     volumes = tuple(Volume(vid, _resize(im, resolution, labels=False), _resize(lb, resolution, labels=True))
                     for vid, im, (_, lb) in zip(ids, images, raw))
     write_atomically(folder, _save_volumes(volumes), {"key": key, "spec": spec.to_dict(), "resolution": resolution,

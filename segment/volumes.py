@@ -9,6 +9,8 @@ Every problem with the files raises `DataError` naming the file and what was wro
 from __future__ import annotations
 
 import gzip
+import os
+import re
 import tomllib
 import zlib
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ import numpy as np
 
 SPEC_DIR = Path(__file__).parent / "specs"
 NORMALISATIONS = ("zscore", "window_zscore")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # spec and class names
 _SPEC_KEYS = ("name", "image_pattern", "label_pattern", "labels", "normalisation", "window", "groups", "n_folds")
 
 
@@ -40,6 +43,11 @@ class DatasetSpec:
     label_pattern: str = "label_{id}.nii.gz"
 
     def __post_init__(self) -> None:
+        # the name and the class names become parts of cache and report file names: no paths, no '..'
+        for what, value in (("name", self.name), *(("class name", c) for c in self.labels.values())):
+            if not SAFE_NAME.fullmatch(value) or ".." in value:
+                raise DataError(f"spec {self.name!r}: {what} {value!r} is not allowed; use letters, digits, '_', "
+                                f"'-' and '.', starting with a letter or digit, without '..'")
         if self.normalisation not in NORMALISATIONS:
             raise DataError(f"spec {self.name!r}: normalisation {self.normalisation!r} is not one of {NORMALISATIONS}")
         if self.normalisation == "window_zscore" and (self.window is None or self.window[0] >= self.window[1]):
@@ -137,8 +145,15 @@ def find_volume_ids(spec: DatasetSpec, data_dir: Path) -> list[str]:
     if not data_dir.is_dir():
         raise DataError(f"data folder {data_dir} does not exist")
     prefix, suffix = spec.image_pattern.split("{id}")
-    ids = [p.name[len(prefix): len(p.name) - len(suffix)] for p in data_dir.iterdir()
-           if p.name.startswith(prefix) and p.name.endswith(suffix) and len(p.name) > len(prefix) + len(suffix)]
+    names = [p.name for p in data_dir.iterdir()]
+    names = [n for n in names if n.startswith(prefix) and n.endswith(suffix) and len(n) > len(prefix) + len(suffix)]
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes arrive as surrogate escapes
+            raise DataError(f"{data_dir}: file name {os.fsencode(name)!r} is not valid UTF-8; rename the file "
+                            f"or move it out of the data folder") from None
+    ids = [n[len(prefix): len(n) - len(suffix)] for n in names]
     if not ids:
         raise DataError(f"data folder {data_dir} has no files matching {spec.image_pattern!r}")
     return sorted(ids, key=lambda i: (0, int(i), "") if i.isdigit() else (1, 0, i))

@@ -161,6 +161,8 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("phantom = true with a path", lambda c: c.run(("resolution = 32", "resolution = 32\nphantom = true")),
      r"\[data\] path = '.*' with phantom = true; the phantom is built under \[run\] cache"),
     ("no path, no phantom", lambda c: c.run((f'path = "{c.data}"\n', "")), r"\[data\] path = None; give the folder"),
+    ("phantom_volumes = 1", lambda c: c.run((f'path = "{c.data}"', "phantom = true\nphantom_volumes = 1")),
+     r"\[data\] phantom_volumes = 1; it must be in 2\.\.64"),
     ("phantom keys without phantom", lambda c: c.run(("resolution = 32", "resolution = 32\nphantom_size = 32")),
      r"\['phantom_size'\] are set but phantom is not true"),
     # item 3: repeats invent significance
@@ -174,6 +176,8 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
      r"\[protocol\] classes = \['liver', 'liver'\]; \['liver'\] repeat"),
     ("models repeat", lambda c: c.run(('models = ["prototype"]', 'models = ["prototype", "prototype"]')),
      r"models = \['prototype', 'prototype'\]; \['prototype'\] repeat"),
+    ("arm sources repeat", lambda c: c.run(('sources = ["ddpm"]', 'sources = ["ddpm", "ddpm"]')),
+     r"\[arms.ddpm\] sources = \['ddpm', 'ddpm'\]; \['ddpm'\] repeat"),
     # item 4: intensities that cannot be normalised are rejected, never zeros (the 1e30 image: see below)
     # item 5: names and output folders
     ("spec name climbs out of the cache", lambda c: _spec_name(c, "../../../x"),

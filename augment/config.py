@@ -108,6 +108,7 @@ class DeformConfig:
     min_area_ratio: float = 0.5
     max_area_ratio: float = 1.8
     min_fragment_px: int = 12
+    drop_fragment_px: int = 4         # source fragments under this many pixels are dropped before deforming
     max_tries: int = 30
 
     def __post_init__(self):
@@ -116,3 +117,6 @@ class DeformConfig:
                              f"{self.min_area_ratio}, {self.max_area_ratio}")
         if self.max_tries < 1:
             raise ValueError(f"DeformConfig.max_tries must be >= 1, got {self.max_tries}")
+        if self.drop_fragment_px < 0:
+            raise ValueError(f"DeformConfig.drop_fragment_px must be >= 0 (0 keeps every fragment), "
+                             f"got {self.drop_fragment_px}")

@@ -1,8 +1,10 @@
 """Synthetic sets: deform the support masks, draw an image for each, and record exactly what went in.
 
-A `SyntheticSet` is arrays plus a manifest: generator kind, checkpoint path and SHA-256, seed, sampler and
-steps, the source support slice of every pair, the support slices themselves and the generator's training
-provenance (every volume and slice it learned from). `validate_manifest` checks a manifest against a fold's
+A `SyntheticSet` is arrays plus a manifest: generator kind, checkpoint path and SHA-256 (of the weights and
+of the `config.json` that holds the rest), seed, sampler and steps, the source support slice of every pair,
+the support slices themselves, how many tiny fragments were dropped from each support mask before
+deforming (`dropped_fragments`, aligned with `support`) and the generator's training provenance (every
+volume and slice it learned from). `validate_manifest` checks a manifest against a fold's
 query volumes and raises `LeakageError` if one appears. `save_grid` writes a PNG of pairs with the mask
 outline drawn on the image, for a person to look at.
 """
@@ -66,12 +68,13 @@ def synthesize(checkpoint: Path, support_images, support_masks, support_ids: Seq
     ckpt = load_checkpoint(checkpoint, kind=None, resolution=masks.shape[-1])
     training = Provenance.from_dict(ckpt["provenance"])
     manifest = {"generator": ckpt["kind"], "checkpoint": ckpt["path"], "checkpoint_sha256": ckpt["sha256"],
+                "checkpoint_config_sha256": ckpt["config_sha256"],
                 "seed": seed, "n": n, "fold": training.fold, "class_name": training.class_name,
                 "support": [dataclasses.asdict(r) for r in refs], "training": training.to_dict(),
                 "query_volumes": list(map(str, query_volumes)), "deform": dataclasses.asdict(deform)}
     validate_manifest(manifest, query_volumes)
     # 2. new masks from the real support masks  (n, 1, R, R)
-    new_masks, source = deform_masks(masks, n, config=deform, seed=seed)
+    new_masks, source, dropped = deform_masks(masks, n, config=deform, seed=seed)
     # 3. an image for every mask
     kwargs = {"sampler": sampler} if ckpt["kind"] == ddpm.KIND else {}
     syn_images, syn_masks = SAMPLE_FNS[ckpt["kind"]](ckpt, new_masks, seed=seed, steps=steps, **kwargs)
@@ -82,6 +85,7 @@ def synthesize(checkpoint: Path, support_images, support_masks, support_ids: Seq
     else:
         manifest["sampler"], manifest["steps"] = "generator forward", 1
     manifest["source"] = [None if joint else dataclasses.asdict(refs[s]) for s in source]
+    manifest["dropped_fragments"] = dropped.tolist()
     return SyntheticSet(syn_images.float(), syn_masks.float(), _jsonable(manifest))
 
 
@@ -96,8 +100,9 @@ def classical_set(support_images, support_masks, support_ids: Sequence[SliceRef]
                 "training": None, "query_volumes": list(map(str, query_volumes)),
                 "deform": dataclasses.asdict(deform), "sampler": None, "steps": 0}
     validate_manifest(manifest, query_volumes)
-    out_i, out_m, source = classical_pairs(images, masks, n, config=deform, seed=seed)
+    out_i, out_m, source, dropped = classical_pairs(images, masks, n, config=deform, seed=seed)
     manifest["source"] = [dataclasses.asdict(refs[s]) for s in source]
+    manifest["dropped_fragments"] = dropped.tolist()
     return SyntheticSet(out_i, out_m, _jsonable(manifest))
 
 

@@ -1,9 +1,16 @@
 """Pieces shared by the DDPM and GAN trainers: accelerator, seeded batches, the step loop, checkpoints.
 
-A checkpoint is one file `checkpoint.pt` holding the generator kind, its frozen config (so the file alone
-rebuilds the model), the provenance of its training data and the weights; `config.json` beside it repeats
-the config and provenance for a person to read. Files are written to a temporary name and renamed, so a
-failed run leaves no half-written checkpoint.
+A checkpoint is a folder of two files. `checkpoint.pt` holds tensors only, `{"unet": {name: tensor}}` or
+`{"generator": ..., "discriminator": ...}`, and is read with `torch.load(weights_only=True)`, so a file
+swapped for a pickle that would run code is refused, never executed. `config.json` beside it holds
+everything else as JSON: the generator kind, its frozen config (which rebuilds the model), the provenance of
+its training data, the runtime, the final losses and the SHA-256 of `checkpoint.pt`, checked before the
+weights are read. Each file is written to a temporary name and renamed, `config.json` last, so a failed
+run leaves no checkpoint that loads.
+
+The weights are the ones to sample with (the DDPM's EMA weights). Neither the EMA shadow nor the
+optimiser moments are kept: fine-tuning from a checkpoint (`init_checkpoint`) starts a fresh optimiser
+and a fresh EMA on purpose, so nothing else is needed after training.
 """
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +29,13 @@ from tqdm.auto import tqdm
 from augment.manifest import LeakageError, Provenance, check_no_leakage, merge
 from augment.pairs import PairError, as_pairs
 
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FILE = "checkpoint.pt"  # the weights; the entry point callers name
+META_FILE = "config.json"          # kind, config, provenance and the weights' SHA-256, as JSON
+FORMAT = 2                         # 1: one pickled checkpoint.pt holding everything (no longer read)
+
+
+class CheckpointError(ValueError):
+    """A generator checkpoint is missing, damaged, of another kind or format, or not safe to read."""
 
 
 def make_accelerator(*, cpu: bool, mixed_precision: str) -> Accelerator:
@@ -86,25 +100,30 @@ def prepare_training_data(pretrain_pairs, finetune_pairs, provenance: Provenance
 
 def save_checkpoint(out_dir: Path, *, kind: str, config, state: dict, provenance: Provenance,
                     history: dict, accelerator: Accelerator) -> Path:
-    """Write `out_dir/checkpoint.pt` and `out_dir/config.json` atomically; return the checkpoint path."""
+    """Write `out_dir/checkpoint.pt` (tensors), then `out_dir/config.json`, each atomically; return the first."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / CHECKPOINT_FILE
+    _write_atomically(path, lambda tmp: torch.save(state, tmp))
     runtime = {"device": str(accelerator.device), "num_processes": accelerator.num_processes,
                "mixed_precision": str(accelerator.mixed_precision)}
-    meta = {"kind": kind, "config": dataclasses.asdict(config), "provenance": provenance.to_dict(),
-            "runtime": runtime, "versions": {"torch": torch.__version__}}
-    path = out_dir / CHECKPOINT_FILE
-    tmp = out_dir / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
+    summary = {f"{phase}/{k}": round(sum(h[k] for h in steps[-20:]) / len(steps[-20:]), 5)
+               for phase, steps in history.items() if steps for k in steps[-1]}  # mean of the last 20 steps
+    meta = {"format": FORMAT, "kind": kind, "config": dataclasses.asdict(config),
+            "provenance": provenance.to_dict(), "runtime": runtime, "versions": {"torch": torch.__version__},
+            "final_losses": summary, "weights": CHECKPOINT_FILE, "weights_sha256": file_hash(path)}
+    text = json.dumps(meta, indent=2)
+    _write_atomically(out_dir / META_FILE, lambda tmp: tmp.write_text(text))
+    return path
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save({**meta, "state": state}, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    summary = {f"{phase}/{k}": round(sum(h[k] for h in steps[-20:]) / len(steps[-20:]), 5)
-               for phase, steps in history.items() if steps for k in steps[-1]}  # mean of the last 20 steps
-    (out_dir / "config.json").write_text(json.dumps({**meta, "final_losses": summary,
-                                                     "sha256": file_hash(path)}, indent=2, default=str))
-    return path
 
 
 def save_on_main(accelerator: Accelerator, out_dir: Path, *, kind: str, config, state: dict,
@@ -119,22 +138,79 @@ def save_on_main(accelerator: Accelerator, out_dir: Path, *, kind: str, config, 
 
 
 def load_checkpoint(path: Path, *, kind: str | None, resolution: int | None = None) -> dict:
-    """Load a checkpoint written by `save_checkpoint`, checking its kind (None: any) and its resolution."""
+    """Load a checkpoint written by `save_checkpoint` (its folder or its `checkpoint.pt`).
+
+    Checks, in this order and before any weight is read: `config.json` exists and is this format, the kind
+    (None: any), the resolution, and the SHA-256 of `checkpoint.pt`. The weights are then read with
+    `weights_only=True`. Returns the JSON entries plus `state` (the weights), `path`, `sha256` (of the
+    weights) and `config_sha256` (of `config.json`, which pins the weights' hash in turn);
+    raises `CheckpointError` (or `PairError` for a resolution mismatch).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "kind" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not a SupportForge generator checkpoint (no 'kind'/'config' entries)")
+    ckpt = _read_meta(path)
+    ckpt["config_sha256"] = file_hash(path.with_name(META_FILE))
     if kind is not None and ckpt["kind"] != kind:
-        raise ValueError(f"checkpoint {path} holds a {ckpt.get('kind')!r} generator, expected {kind!r}")
+        raise CheckpointError(f"checkpoint {path} holds a {ckpt['kind']!r} generator, expected {kind!r}")
     ckpt["path"] = str(path)
-    ckpt["sha256"] = file_hash(path)
     if resolution is not None:
         check_resolution(ckpt, resolution, resolution)
+    ckpt["sha256"] = file_hash(path)
+    if ckpt["sha256"] != ckpt["weights_sha256"]:
+        raise CheckpointError(f"checkpoint {path} has SHA-256 {ckpt['sha256'][:12]}..., but {META_FILE} beside it "
+                              f"was written for {str(ckpt['weights_sha256'])[:12]}...; the weights were replaced "
+                              f"or damaged: delete the folder and retrain")
+    ckpt["state"] = _read_weights(path)
     return ckpt
+
+
+def _read_meta(path: Path) -> dict:
+    """The JSON half of a checkpoint: `config.json` beside `path`, checked for format and entries."""
+    meta_path = path.with_name(META_FILE)
+    if not meta_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {META_FILE} beside it; it is not a SupportForge "
+                              f"generator checkpoint of format {FORMAT} (retrain it, e.g. with --force)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{meta_path} is not valid JSON ({err}); delete the folder and retrain") from None
+    meta = meta if isinstance(meta, dict) else {}
+    missing = [k for k in ("kind", "config", "provenance", "weights_sha256") if k not in meta]
+    config = meta.get("config")
+    if missing or meta.get("format") != FORMAT or not isinstance(config, dict) or "resolution" not in config:
+        raise CheckpointError(f"{meta_path} is not a SupportForge generator checkpoint of format {FORMAT} "
+                              f"(format {meta.get('format')!r}, missing entries {missing or 'config.resolution'}); "
+                              f"retrain it, e.g. with --force")
+    return meta
+
+
+def _read_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """`checkpoint.pt` as `{part: {name: tensor}}`, unpickled with `weights_only=True` (no code can run)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read as tensors only (weights_only=True): "
+                              f"{_unpickling_reason(err)}; it is damaged or not a SupportForge checkpoint, and it "
+                              f"was not run: delete it and retrain") from None
+    parts_ok = isinstance(state, dict) and all(
+        isinstance(part, dict) and all(isinstance(t, torch.Tensor) for t in part.values()) for part in state.values())
+    if not parts_ok:
+        raise CheckpointError(f"checkpoint {path} holds {type(state).__name__}, expected {{part: {{name: tensor}}}}")
+    return state
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """The useful line of a `torch.load` error: the refused global or opcode, not torch's advice to turn
+    `weights_only` off."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for k, line in enumerate(lines):
+        if line.startswith("WeightsUnpickler error:"):
+            rest = line.removeprefix("WeightsUnpickler error:").strip() or "".join(lines[k + 1:k + 2])
+            return rest.split(". ")[0].rstrip(".") or type(err).__name__  # first sentence: what was refused
+    return lines[0] if lines else type(err).__name__
 
 
 def check_resolution(ckpt: dict, height: int, width: int) -> None:
@@ -154,6 +230,6 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-__all__ = ["LeakageError", "PairError", "make_accelerator", "seeded_batches", "run_steps", "set_lr",
+__all__ = ["CheckpointError", "LeakageError", "PairError", "make_accelerator", "seeded_batches", "run_steps", "set_lr",
            "prepare_training_data", "save_checkpoint", "load_checkpoint", "check_resolution", "file_hash",
-           "CHECKPOINT_FILE"]
+           "CHECKPOINT_FILE", "META_FILE"]

@@ -10,6 +10,7 @@ MRI intensities and batches of one episode. Runs at any input size divisible by 
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,6 +109,35 @@ class Encoder(nn.Module):
         return self.head(h)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint is damaged, of the wrong structure, or not safe to read (it would run code)."""
+
+
+def load_tensors(path: Path, what: str) -> object:
+    """`torch.load(path, weights_only=True)`: tensors, numbers, strings and containers only.
+
+    A file that is damaged, or a pickle that would run code, raises `CheckpointError` naming `what` and the
+    file; nothing in it is run.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{what} {path} cannot be read as tensors only (weights_only=True): "
+                              f"{_unpickling_reason(err)}; it is damaged or not a SupportForge checkpoint, and it "
+                              f"was not run: delete it and retrain") from None
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """The useful line of a `torch.load` error (the refused global or opcode), not its advice to turn
+    `weights_only` off."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for k, line in enumerate(lines):
+        if line.startswith("WeightsUnpickler error:"):
+            rest = line.removeprefix("WeightsUnpickler error:").strip() or "".join(lines[k + 1:k + 2])
+            return rest.split(". ")[0].rstrip(".") or type(err).__name__  # first sentence: what was refused
+    return lines[0] if lines else type(err).__name__
+
+
 def load_encoder_weights(encoder: Encoder, path: str | Path) -> None:
     """Load a local checkpoint into `encoder`: a bare state dict, or a dict holding one under "encoder".
 
@@ -116,7 +146,7 @@ def load_encoder_weights(encoder: Encoder, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoder checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_tensors(path, "encoder checkpoint")
     if isinstance(state, dict) and "encoder" in state:
         state = state["encoder"]
     if not isinstance(state, dict):

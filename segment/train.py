@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from segment.conditional import ConditionalConfig, ConditionalNet
 from segment.config import MODELS, SETTINGS, SegmenterConfig, SuperpixelParams  # noqa: F401 (re-exported)
-from segment.encoder import EncoderConfig, load_encoder_weights
+from segment.encoder import CheckpointError, EncoderConfig, load_encoder_weights, load_tensors
 from segment.episodes import (AugmentParams, Augmenter, MixedSampler, PairSampler, SuperpixelSampler,
                               SupervisedSampler, collate)
 from segment.prototype import PrototypeConfig, PrototypeNet
@@ -44,6 +44,15 @@ def build_model(config: SegmenterConfig) -> torch.nn.Module:
                                                    norm=config.norm))
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint written by `save_checkpoint`, read with `weights_only=True` (`load_tensors`): a file
+    swapped for a pickle that would run code raises `CheckpointError` and is never run."""
+    state = load_tensors(path, "segmenter checkpoint")
+    if not isinstance(state, dict) or "config" not in state or "state_dict" not in state:
+        raise CheckpointError(f"{path} is not a segmenter checkpoint: expected keys 'config' and 'state_dict'")
+    return state
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, config: SegmenterConfig, **extra) -> None:
     """Write config + weights (+ extra) atomically: a crash never leaves a half-written checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,9 +66,7 @@ def load(checkpoint: str | Path) -> torch.nn.Module:
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"segmenter checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "config" not in state or "state_dict" not in state:
-        raise ValueError(f"{path} is not a segmenter checkpoint: expected keys 'config' and 'state_dict'")
+    state = read_checkpoint(path)
     model = build_model(SegmenterConfig.from_dict(state["config"]))
     model.load_state_dict(state["state_dict"])
     return model.eval()
@@ -94,7 +101,7 @@ def _fit(model: torch.nn.Module, sampler, config: SegmenterConfig, out_dir: Path
     start = 0
     # 1. resume: weights, optimiser moments and the step of the last checkpoint
     if last.is_file():
-        state = torch.load(last, map_location="cpu", weights_only=True)
+        state = read_checkpoint(last)
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
@@ -143,7 +150,7 @@ def _check_resumable(out_dir: Path, config: SegmenterConfig) -> None:
     for name in ("model.pt", "last.pt"):
         path = out_dir / name
         if path.is_file():
-            saved = asdict(SegmenterConfig.from_dict(torch.load(path, map_location="cpu", weights_only=True)["config"]))
+            saved = asdict(SegmenterConfig.from_dict(read_checkpoint(path)["config"]))
             if saved != asdict(config):  # compared with defaults filled in, so older checkpoints still match
                 diff = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v}
                 raise ValueError(f"{path} was written by another config (saved vs now: {diff}); "
@@ -155,7 +162,7 @@ def _check_same_run(out_dir: Path, meta: dict) -> None:
     for name in ("model.pt", "last.pt"):
         path = out_dir / name
         if path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
+            saved = read_checkpoint(path).get("meta", {})
             diff = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
             if diff:
                 raise ValueError(f"{path} was written for another run (saved vs now: {diff}); "
@@ -242,7 +249,9 @@ def finetune(checkpoint: str | Path, images: torch.Tensor, masks: torch.Tensor, 
     The pool holds the real supports plus any synthetic pairs; each episode takes a support and a query
     from it, both augmented. Returns the fine-tuned `model.pt` (same config, `steps` replaced).
     """
-    state = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"segmenter checkpoint {checkpoint} does not exist")
+    state = read_checkpoint(Path(checkpoint))
     base = SegmenterConfig.from_dict(state["config"])
     config = SegmenterConfig.from_dict({**asdict(base), "steps": steps, "lr": lr or base.lr / 5,
                                         "seed": base.seed if seed is None else seed, "batch": batch or base.batch,

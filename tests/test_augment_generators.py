@@ -1,5 +1,8 @@
 """Shared checks run on every generator (round trip, shape, seeded determinism) plus the issue's bad inputs."""
 import json
+import pickle
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +11,9 @@ import torch
 from augment import ddpm, gan
 from augment.manifest import LeakageError
 from augment.pairs import PairError
-from augment.training import load_checkpoint
+from augment.manifest import SliceRef
+from augment.synthesis import synthesize
+from augment.training import CHECKPOINT_FILE, META_FILE, CheckpointError, file_hash, load_checkpoint
 from augment_helpers import RES, ellipse_masks, images_for, provenance, tiny_ddpm, tiny_gan
 
 GENERATORS = {
@@ -41,7 +46,7 @@ def test_checkpoint_carries_config_and_provenance(trained):
     assert ckpt["config"]["resolution"] == RES
     assert len(ckpt["provenance"]["pretrain"]) == 8 and len(ckpt["provenance"]["finetune"]) == 3
     meta = json.loads((path.parent / "config.json").read_text())
-    assert meta["sha256"] == ckpt["sha256"] and meta["kind"] == module.KIND
+    assert meta["weights_sha256"] == ckpt["sha256"] and meta["kind"] == module.KIND and meta["format"] == 2
     model, config, _ = module.load(path)
     assert config == make()  # the file alone rebuilds the same config
 
@@ -166,3 +171,71 @@ def test_bad_config_values_list_the_choices():
         tiny_ddpm(prediction_type="sample")
     with pytest.raises(ValueError, match="divisible"):
         tiny_gan(resolution=30)
+
+
+# ---- issue 9 item 2: a checkpoint is never unpickled into code -------------------------------------
+
+class _RunsCode:
+    """Unpickling this calls `open(marker, "w")`: stands in for a pickle whose `__reduce__` runs a command."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _tamper(folder: Path, case: str, marker: Path) -> None:
+    weights, meta_path = folder / CHECKPOINT_FILE, folder / META_FILE
+    meta = json.loads(meta_path.read_text())
+    if case.startswith("code pickle"):
+        weights.write_bytes(pickle.dumps({"unet": _RunsCode(marker), "generator": _RunsCode(marker)}, protocol=2))
+    elif case == "truncated weights, hash updated":
+        weights.write_bytes(weights.read_bytes()[:200])
+    elif case == "no config.json":
+        meta_path.unlink()
+    elif case == "config.json not JSON":
+        meta_path.write_bytes(b"\xff{not json")
+    elif case == "old format":  # format 1 kept everything in a pickled checkpoint.pt
+        meta.pop("format")
+    if case.endswith("hash updated"):
+        meta["weights_sha256"] = file_hash(weights)
+    if case in ("code pickle, hash updated", "truncated weights, hash updated", "old format"):
+        meta_path.write_text(json.dumps(meta))
+
+
+TAMPERED = {"code pickle": "has SHA-256 .* but config.json beside it was written for",
+            "code pickle, hash updated": r"cannot be read as tensors only \(weights_only=True\).* was not run",
+            "truncated weights, hash updated": r"cannot be read as tensors only \(weights_only=True\)",
+            "no config.json": "has no config.json beside it",
+            "config.json not JSON": "is not valid JSON",
+            "old format": "not a SupportForge generator checkpoint of format 2"}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_tampered_checkpoint_is_refused_and_never_run(case, trained, data, tmp_path):
+    name, module, make, path = trained
+    folder = tmp_path / "gen"
+    shutil.copytree(path.parent, folder)
+    marker = tmp_path / "MARKER"
+    _tamper(folder, case, marker)
+    images, masks = data
+    out = tmp_path / "finetuned"
+    calls = [lambda: module.load(folder / CHECKPOINT_FILE),
+             lambda: module.sample(folder / CHECKPOINT_FILE, masks[:2], seed=0),
+             lambda: synthesize(folder / CHECKPOINT_FILE, images[:3], masks[:3], [SliceRef("2", k) for k in range(3)],
+                                n=2, seed=0),
+             lambda: module.train(make(), finetune_pairs=(images[:2], masks[:2]), provenance=provenance(0, 2),
+                                  out_dir=out, init_checkpoint=folder / CHECKPOINT_FILE)]
+    for call in calls:
+        with pytest.raises(CheckpointError, match=TAMPERED[case]):
+            call()
+    assert not marker.exists() and not out.exists()
+
+
+def test_checkpoint_holds_only_tensors_and_json(trained):
+    name, module, make, path = trained
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert all(isinstance(t, torch.Tensor) for part in state.values() for t in part.values())
+    meta = json.loads((path.parent / META_FILE).read_text())
+    assert meta["config"]["resolution"] == RES and meta["weights_sha256"] == file_hash(path)

@@ -33,6 +33,7 @@ def test_synthesize_returns_pairs_with_a_complete_manifest(checkpoint, support):
     assert m["seed"] == 3 and m["n"] == 7 and m["fold"] == 0
     assert m["source"][0] == {"volume": "2", "slice": 4} and m["source"][4] == {"volume": "2", "slice": 9}
     assert {r["volume"] for r in m["training"]["pretrain"]} == {"1"}
+    assert m["dropped_fragments"] == [0, 0, 0]  # one count per support mask
     if m["generator"] == "ddpm":
         assert m["sampler"] == "dpmsolver++" and m["steps"] == 2
     json.dumps(m)  # JSON-able
@@ -72,6 +73,7 @@ def test_classical_set_is_the_control_arm(support):
     syn = classical_set(*support, SUPPORT_IDS, n=5, seed=1, fold=0, class_name="liver", query_volumes=("3",))
     assert len(syn) == 5 and syn.manifest["generator"] == "classical"
     assert syn.manifest["source"][3] == {"volume": "2", "slice": 4}
+    assert syn.manifest["dropped_fragments"] == [0, 0, 0]
     with pytest.raises(LeakageError):
         classical_set(*support, SUPPORT_IDS, n=5, seed=1, query_volumes=("2",))
 
@@ -84,3 +86,10 @@ def test_bad_support_raises_before_work(checkpoint, support, tmp_path):
         synthesize(checkpoint, images, masks, SUPPORT_IDS, n=2, seed=0)
     with pytest.raises(ValueError, match="support_ids lists 2 slices but there are 3"):
         synthesize(checkpoint, *support, SUPPORT_IDS[:2], n=2, seed=0)
+
+
+def test_manifest_counts_fragments_dropped_from_a_support():
+    masks = ellipse_masks(1, res=64, seed=1)
+    masks[0, 0, 2, 2] = masks[0, 0, 60, 5] = 1  # two stray pixels, as on CHAOS fold 3's left kidney
+    syn = classical_set(images_for(masks), masks, [SliceRef("36", 28)], n=3, seed=0, query_volumes=("3",))
+    assert syn.manifest["dropped_fragments"] == [2] and syn.manifest["deform"]["drop_fragment_px"] == 4

@@ -176,8 +176,9 @@ def test_mask_consistency_filter_keeps_only_pairs_the_real_segmenter_recovers(fi
     # the first run was at resolution 32 on the same phantom, like the session's prepared data
     fold = make_folds(phantom_data.ids, phantom_data.spec.n_folds)[0]
     base = next((cache / "stages" / "segmenter").glob("*/model.pt"))
-    synth = {"classical": (next(p.parent for p in (cache / "stages" / "synthesis").glob("*/set")
-                                if '"classical"' in (p.parent / "stage.json").read_text()), "k")}
+    synth = {"classical": (next(p.parent for p in (cache / "stages" / "synthesis").glob("*/set")  # first run's: n = 2
+                                if json.loads((p / "manifest.json").read_text())["generator"] == "classical"
+                                and json.loads((p / "manifest.json").read_text())["n"] == 2), "k")}
     everything = synthetic_pairs(phantom_data, fold, "liver", synth, base_model=base, min_dice=0.0)
     none = synthetic_pairs(phantom_data, fold, "liver", synth, base_model=base, min_dice=1.01)
     some = synthetic_pairs(phantom_data, fold, "liver", synth, base_model=base, min_dice=0.05)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from dataclasses import replace
@@ -16,7 +17,7 @@ import torch
 from segment.pooling import SegmentInputError
 from segment.predict import make_predictor
 from segment.protocol import evaluate, make_folds
-from segment.train import SegmenterConfig, finetune, load, train
+from segment.train import CheckpointError, SegmenterConfig, finetune, load, train
 
 
 
@@ -129,3 +130,54 @@ def test_training_can_start_from_a_local_encoder_checkpoint(phantom_data, fold, 
         train(replace(cfg, model="conditional"), phantom_data, fold, test_class_ids=(1,), setting=1,
               out_dir=tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+# ---- issue 9 item 2: a checkpoint is never unpickled into code -------------------------------------
+
+class _RunsCode:
+    """Unpickling this calls `open(marker, "w")`: stands in for a pickle whose `__reduce__` runs a command."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _crafted(path: Path, marker: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps({"config": {}, "state_dict": _RunsCode(marker), "encoder": _RunsCode(marker)},
+                                  protocol=2))
+    return path
+
+
+def _listing(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+CRAFTED_AT = {"load model.pt": "evil/model.pt", "finetune from model.pt": "evil/model.pt",
+              "resume last.pt": "run/last.pt", "encoder_init": "evil/enc.pt"}
+
+
+@pytest.mark.parametrize("where", list(CRAFTED_AT))
+def test_crafted_pickle_checkpoint_is_refused_and_never_run(where, phantom_data, fold, tmp_path):
+    marker, run = tmp_path / "MARKER", tmp_path / "run"
+    crafted = _crafted(tmp_path / CRAFTED_AT[where], marker)
+    images, masks = torch.randn(2, 1, 32, 32), torch.zeros(2, 1, 32, 32)
+    kw = dict(test_class_ids=(1,), setting=1, out_dir=run)
+    calls = {"load model.pt": lambda: load(crafted),
+             "finetune from model.pt": lambda: finetune(crafted, images, masks, out_dir=run, steps=2),
+             "resume last.pt": lambda: train(CFG, phantom_data, fold, **kw),
+             "encoder_init": lambda: train(replace(CFG, encoder_init=str(crafted)), phantom_data, fold, **kw)}
+    before = _listing(tmp_path)
+    with pytest.raises(CheckpointError, match=r"checkpoint .* cannot be read as tensors only \(weights_only=True\): "
+                                              r"Unsupported global: GLOBAL io.open"):
+        calls[where]()
+    assert not marker.exists() and _listing(tmp_path) == before  # nothing ran, nothing was written
+
+
+def test_truncated_segmenter_checkpoint_names_the_file(phantom_data, fold, tmp_path):
+    path = train(CFG, phantom_data, fold, test_class_ids=(1,), setting=1, out_dir=tmp_path / "run")
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match=f"segmenter checkpoint {path} cannot be read as tensors only"):
+        load(path)

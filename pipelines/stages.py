@@ -27,6 +27,7 @@ from segment.config import SegmenterConfig, SuperpixelParams
 from segment.protocol import (Fold, ep1_support_indices, evaluate, excluded_class_ids, make_folds,
                               training_slice_mask)
 from segment.slices import PreparedData
+from segment.volumes import DataError
 
 GENERATORS = {"ddpm": DDPMConfig, "gan": GANConfig}
 CHECKPOINT_FILE = "checkpoint.pt"  # a generator's checkpoint inside its stage folder
@@ -363,7 +364,7 @@ def dice_scoring(cfg: ExperimentConfig, rows: list[dict], evals: list[dict]):
     metas = [json.loads((Path(e["path"]) / "rows.json").read_text()) for e in evals]
     grids = {r["dice_grid"] for r in rows if "dice_grid" in r} | {m["dice_grid"] for m in metas if "dice_grid" in m}
     if len(grids) > 1:
-        raise ValueError(f"rows scored on different Dice grids {sorted(grids)}: one report cannot mix them")
+        raise DataError(f"rows scored on different Dice grids {sorted(grids)}: one report cannot mix them")
     posts = {m["postprocess"] for m in metas if "postprocess" in m}
     if any("dice_post" in r for r in rows):
         posts = {False}

@@ -80,6 +80,12 @@ def cmd_run(args: argparse.Namespace) -> None:
           f"({time.perf_counter() - start:.1f} s)")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from pipelines.report import rebuild  # matplotlib loads only for a report
+
+    print(f"wrote {rebuild(args.results, args.out)}")
+
+
 def cmd_cache(args: argparse.Namespace) -> None:
     cache = StageCache(args.cache)
     if args.action == "ls":
@@ -138,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="parallel processes over folds and seeds")
     p.add_argument("--out", default=None, help="run folder (overrides [run] out)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="rebuild report.md, results.json and the Dice charts from a results.json")
+    p.add_argument("results", type=Path, help="results.json of a run")
+    p.add_argument("--out", type=Path, required=True, help="folder for the rebuilt report")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("cache", help="list the stage cache, or remove leftovers and unused entries")
     p.add_argument("action", choices=("ls", "gc"))

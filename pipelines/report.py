@@ -2,12 +2,16 @@
 
 Figures (matplotlib, PNG): Dice per arm, model and class with error bars over folds and seeds; query
 overlays (ground truth against prediction) per arm; the synthetic pair grids are copied in beside them.
-The text states the verdict of every paired test and says plainly when augmentation did not help.
+The text states the verdict of every paired test (Holm-adjusted, unit named) and says plainly when
+augmentation did not help. results.json is strict JSON (undefined values are null, never NaN) and records
+how Dice was scored (`dice_grid`, `postprocess`); `rebuild` remakes a report from it and refuses a file of
+an older format, naming the missing field.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -16,7 +20,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipelines.stats import ALL  # noqa: E402
+from pipelines.stats import ALL, arm_roles, paired_tests, summarise  # noqa: E402
+from segment.volumes import DataError  # noqa: E402
+
+DICE_GRIDS = ("native", "working")
+REQUIRED_ROW_FIELDS = ("protocol", "model", "arm", "class", "fold", "seed", "query", "dice")
 
 
 def dice_chart(summary: list[dict], protocol: str, path: Path, *, arms: list[str]) -> None:
@@ -64,43 +72,63 @@ def overlay_figure(panels: list[dict], path: Path, *, cols: int) -> None:
     plt.close(fig)
 
 
-def _fmt(x: float) -> str:
-    return "n/a" if x != x else f"{100 * x:.1f}"
+def _fmt(x: float | None) -> str:
+    """A score or difference in Dice points; n/a where undefined."""
+    return "n/a" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def _p(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{x:.3g}"
+
+
+def _ci(t: dict) -> str:
+    return "n/a" if t["ci_low"] is None else f"[{_fmt(t['ci_low'])}, {_fmt(t['ci_high'])}]"
 
 
 def _summary_table(summary: list[dict], protocol: str) -> list[str]:
+    """Classes as columns (headline `dice`); a last column with post-processed Dice where rows have it."""
     rows = [r for r in summary if r["protocol"] == protocol]
     classes = [c for c in dict.fromkeys(r["class"] for r in rows) if c != ALL] + [ALL]
-    lines = [f"| model | arm | {' | '.join(classes)} |", "|---|---|" + "---|" * len(classes)]
+    post = any("mean_post" in r for r in rows)
+    extra = [f"{ALL}, post-processed"] if post else []
+    lines = [f"| model | arm | {' | '.join(classes + extra)} |", "|---|---|" + "---|" * (len(classes) + len(extra))]
     for (model, arm) in dict.fromkeys((r["model"], r["arm"]) for r in rows):
         cell = {r["class"]: r for r in rows if r["model"] == model and r["arm"] == arm}
         vals = [f"{_fmt(cell[c]['mean'])} ± {_fmt(cell[c]['std'])}" if c in cell else "-" for c in classes]
+        if post:
+            vals.append(f"{_fmt(cell[ALL]['mean_post'])} ± {_fmt(cell[ALL]['std_post'])}" if "mean_post" in cell[ALL]
+                        else "-")
         lines.append(f"| {model} | {arm} | {' | '.join(vals)} |")
     return lines
 
 
 def _tests_table(tests: list[dict], protocol: str) -> list[str]:
-    lines = ["| model | arm | vs | class | n | mean diff | wins/losses | p (Wilcoxon) | p (t) | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | arm | vs | class | n | dropped zeros | mean diff | 95 % CI | wins/losses | p (Wilcoxon) "
+             "| p (Holm) | p (t) | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in (t for t in tests if t["protocol"] == protocol):
-        lines.append(f"| {t['model']} | {t['arm']} | {t['baseline']} | {t['class']} | {t['n']} | "
-                     f"{_fmt(t['mean_diff'])} | {t['wins']}/{t['losses']} | {t['p_wilcoxon']:.3g} | "
-                     f"{t['p_ttest']:.3g} | {t['verdict']} |")
+        arm = f"**{t['arm']}** (primary)" if t["primary"] else t["arm"]
+        lines.append(f"| {t['model']} | {arm} | {t['vs']} | {t['class']} | {t['n']} | {t['dropped_zeros']} | "
+                     f"{_fmt(t['mean_diff'])} | {_ci(t)} | {t['wins']}/{t['losses']} | {_p(t['p_wilcoxon'])} | "
+                     f"{_p(t['p_holm'])} | {_p(t['p_ttest'])} | {t['verdict']} |")
     return lines
 
 
 def verdict_lines(tests: list[dict]) -> list[str]:
-    """One sentence per (protocol, model, arm) pooled over classes: gain, loss or no evidence."""
+    """One sentence per (protocol, model, arm, reference) over all classes, primary first; Holm-adjusted p."""
+    baseline = arm_roles(a for t in tests for a in (t["vs"], t["arm"])).baseline
     out = []
-    for t in (t for t in tests if t["class"] == ALL):
+    for t in sorted((t for t in tests if t["class"] == ALL), key=lambda t: not t["primary"]):
+        head = f"- {t['protocol']} {t['model']}{' (primary comparison)' if t['primary'] else ''}: **{t['arm']}**"
+        stats_ = (f"95 % CI {_ci(t)}; Wilcoxon p = {_p(t['p_wilcoxon'])}, Holm-adjusted p = {_p(t['p_holm'])}, "
+                  f"n = {t['n']} units, {t['dropped_zeros']} zero differences dropped")
         what = {"gain": "beats", "loss": "is worse than"}.get(t["verdict"])
         if what:
-            out.append(f"- {t['protocol']} {t['model']}: **{t['arm']}** {what} {t['baseline']} by "
-                       f"{_fmt(abs(t['mean_diff']))} Dice points (Wilcoxon p = {t['p_wilcoxon']:.3g}, n = {t['n']}).")
-        else:
-            out.append(f"- {t['protocol']} {t['model']}: **{t['arm']}** shows no evidence of a difference from "
-                       f"{t['baseline']} ({t['verdict']}; mean difference {_fmt(t['mean_diff'])} points, "
-                       f"p = {t['p_wilcoxon']:.3g}, n = {t['n']}). Augmentation did not help here.")
+            out.append(f"{head} {what} {t['vs']} by {_fmt(abs(t['mean_diff']))} Dice points ({stats_}).")
+            continue
+        tail = ("Augmentation did not help here." if t["vs"] == baseline
+                else f"It did not beat the {t['vs']} control here.")
+        out.append(f"{head} shows no evidence of a difference from {t['vs']} ({t['verdict']}; mean difference "
+                   f"{_fmt(t['mean_diff'])} points, {stats_}). {tail}")
     return out
 
 
@@ -120,20 +148,63 @@ def _quality_table(quality: list[dict], filter_dice: float) -> list[str]:
     return lines
 
 
-def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict], rows: list[dict],
-                 context: dict, figures: dict[str, str], quality: list[dict], filter_dice: float = 0.5) -> None:
+@dataclass(frozen=True)
+class DiceScoring:
+    """How the headline `dice` of the rows was scored."""
+
+    grid: str  # "native" (the label file's in-plane grid) or "working" (the resized slices)
+    postprocess: bool  # whether the largest-3D-component step ran before scoring
+
+    def __post_init__(self) -> None:
+        if self.grid not in DICE_GRIDS:
+            raise ValueError(f"dice_grid = {self.grid!r}; expected one of {list(DICE_GRIDS)}")
+
+    def line(self, has_post: bool) -> str:
+        step = "with" if self.postprocess else "without"
+        post = (" A second column gives Dice with the largest-3D-component step per query volume."
+                if has_post else "")
+        return f"Dice is scored on the {self.grid} label grid, {step} post-processing (headline).{post}"
+
+
+def _unit_paragraph(n_tests: int) -> list[str]:
+    return ["Unit of every paired test: the query volume of a fold (n = distinct (fold, query)). Each unit's Dice is "
+            "averaged over seeds (per-class tests) or over classes and seeds (all classes) before arms are paired: "
+            "rows that share a query volume or a fine-tune are not independent. n counts the units with a non-zero "
+            "difference, as the Wilcoxon signed-rank test drops zero differences ('dropped zeros' says how many); "
+            "the mean difference, its 95 % bootstrap CI (seeded) and the paired t-test use every unit. "
+            f"The {n_tests} p-values are Holm-adjusted over the whole family of comparisons of each (protocol, "
+            "model); a gain is claimed only at adjusted p < 0.05 with a positive mean difference and a CI above 0. "
+            "The primary comparison of each model is its best augmented arm (highest mean Dice over all classes) "
+            "against the baseline; it is chosen after seeing the means, which the family-wide adjustment covers.", ""]
+
+
+def json_safe(obj):
+    """`obj` with NaN and infinities replaced by None (JSON has no NaN) and numpy scalars made plain."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict], notes: list[str],
+                 rows: list[dict], context: dict, figures: dict[str, str], quality: list[dict],
+                 scoring: DiceScoring, filter_dice: float = 0.5) -> None:
     """report.md + results.json in `out`; `figures` maps a caption to a PNG file name already in `out`."""
     protocols = list(dict.fromkeys(r["protocol"] for r in summary))
-    lines = [f"# {title}", "", "## Verdict", ""]
-    for baseline in dict.fromkeys(t["baseline"] for t in tests):
-        lines += verdict_lines([t for t in tests if t["baseline"] == baseline])
-    lines += ["", "A gain is claimed only where the mean paired difference is positive and the two-sided "
-              "Wilcoxon signed-rank test over query volumes gives p < 0.05. Every arm used the same folds, "
-              f"seeds and query volumes. The {len(tests)} p-values are not corrected for multiple comparisons: "
-              "a single gain or loss near p = 0.05 among many arms is weak evidence.", ""]
+    has_post = any("mean_post" in r for r in summary)
+    lines = [f"# {title}", "", scoring.line(has_post), "", "## Verdict", ""]
+    lines += verdict_lines(tests) + [""] + _unit_paragraph(len(tests))
+    if notes:
+        lines += ["## Arms not tested as augmented", ""] + [f"- {n}" for n in notes] + [""]
     for protocol in protocols:
         lines += [f"## {protocol}: mean Dice (%) ± std over folds and seeds", ""] + _summary_table(summary, protocol)
-        lines += ["", f"### {protocol}: paired differences over query volumes", ""] + _tests_table(tests, protocol) + [""]
+        lines += ["", f"### {protocol}: paired differences (unit: query volume of a fold, n = distinct (fold, query))",
+                  ""] + _tests_table(tests, protocol) + [""]
     if quality:
         lines += ["## Synthetic pair quality", "", "Mask consistency: Dice between each pair's intended mask and what "
                   "the base segmenter, given only the real supports, finds on the synthetic image (low: the image does "
@@ -141,7 +212,87 @@ def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict
                   "supports and of the pairs (0 same, 1 disjoint). Nearest-support distance: near 0 means copies.", ""]
         lines += _quality_table(quality, filter_dice) + [""]
     lines += ["## Figures", ""] + [f"![{cap}]({name})" for cap, name in figures.items()] + [""]
-    lines += ["## Run", "", "```json", json.dumps(context, indent=2, default=str), "```", ""]
+    lines += ["## Run", "", "```json", json.dumps(json_safe(context), indent=2, default=str), "```", ""]
+    results = {"title": title, "dice_grid": scoring.grid, "postprocess": scoring.postprocess, "quality_filter_dice": filter_dice,
+               "context": context, "summary": summary, "tests": tests, "notes": notes, "quality": quality,
+               "rows": rows}
+    text = json.dumps(json_safe(results), indent=2, default=str, allow_nan=False)
     (out / "report.md").write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps({"context": context, "summary": summary, "tests": tests,
-                                                  "quality": quality, "rows": rows}, indent=2, default=str))
+    (out / "results.json").write_text(text)
+
+
+def build_report(out: Path, *, title: str, rows: list[dict], arms: list[str], context: dict, quality: list[dict],
+                 scoring: DiceScoring, figures: dict[str, str], filter_dice: float, seed: int = 0) -> None:
+    """Statistics, Dice charts and the report of `rows` in `out`; `figures` (already in `out`) follow the charts.
+
+    `arms` gives the display order; `seed` seeds the bootstrap.
+    """
+    order = {a: i for i, a in enumerate(dict.fromkeys([*arms, *(r["arm"] for r in rows)]))}
+    baseline = arm_roles(order).baseline
+    summary = sorted(summarise(rows), key=lambda r: (r["protocol"], r["model"], order[r["arm"]]))
+    tests, notes = paired_tests(rows, seed=seed)
+    tests.sort(key=lambda t: (t["protocol"], t["model"], t["vs"] != baseline, order[t["arm"]]))
+    charts = {}
+    for protocol in dict.fromkeys(r["protocol"] for r in rows):
+        name = f"dice_{protocol}.png"
+        dice_chart(summary, protocol, out / name, arms=list(order))
+        charts[f"Dice per arm, model and class ({protocol})"] = name
+    write_report(out, title=title, summary=summary, tests=tests, notes=notes, rows=rows, context=context,
+                 figures=charts | figures, quality=quality, scoring=scoring, filter_dice=filter_dice)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def load_results(path: Path) -> dict:
+    """A results.json checked for what a report is rebuilt from; `DataError` names the missing or bad field."""
+    try:
+        results = json.loads(path.read_text(), parse_constant=_no_constant)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the results file ({err.strerror or err})") from None
+    except ValueError as err:  # bad JSON, NaN, or bytes that are not UTF-8
+        raise DataError(f"{path}: not a valid results JSON ({err})") from None
+    if not isinstance(results, dict):
+        raise DataError(f"{path}: a results JSON is an object with 'rows', 'dice_grid' and 'postprocess'")
+    if "dice_grid" not in results:
+        raise DataError(f"{path}: no field 'dice_grid' (an older results format?); expected one of {list(DICE_GRIDS)}")
+    if results["dice_grid"] not in DICE_GRIDS:
+        raise DataError(f"{path}: dice_grid = {results['dice_grid']!r}; expected one of {list(DICE_GRIDS)}")
+    if not isinstance(results.get("postprocess"), bool):
+        raise DataError(f"{path}: postprocess = {results.get('postprocess')!r}; expected true or false "
+                        "(an older results format?)")
+    rows = results.get("rows")
+    if not isinstance(rows, list) or not rows:
+        raise DataError(f"{path}: rows = {rows!r:.40}; expected a non-empty list of Dice rows")
+    for i, row in enumerate(rows):
+        missing = [f for f in REQUIRED_ROW_FIELDS if not isinstance(row, dict) or f not in row]
+        if missing:
+            raise DataError(f"{path}: row {i} has no field {missing[0]!r} (an older results format?); every row "
+                            f"needs {', '.join(REQUIRED_ROW_FIELDS)}")
+        if isinstance(row["dice"], bool) or not isinstance(row["dice"], (int, float)) or not 0 <= row["dice"] <= 1:
+            raise DataError(f"{path}: row {i} has dice = {row['dice']!r}; expected a number in [0, 1]")
+    return results
+
+
+def rebuild(results_path: Path, out: Path, *, seed: int = 0) -> Path:
+    """Rebuild report.md, results.json and the Dice charts in `out` from a results.json.
+
+    Statistics are recomputed from the rows. Overlays and pair grids need the stage cache: those already in
+    `out` are linked, none are drawn. Nothing is written unless the file passes `load_results`.
+    """
+    results = load_results(results_path)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a folder")
+    context = results.get("context") or {}
+    config_arms = [a.get("name") for a in (context.get("config") or {}).get("arms", []) if isinstance(a, dict)]
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {f.stem.replace("_", " "): f.name for pattern in ("overlays_*.png", "pairs_*.png")
+               for f in sorted(out.glob(pattern))}
+    title = results.get("title") or f"SupportForge ablation: {context.get('experiment', results_path.parent.name)}"
+    build_report(out, title=str(title),
+                 rows=results["rows"], arms=[a for a in config_arms if a], context=context,
+                 quality=results.get("quality") or [], figures=figures, seed=seed,
+                 scoring=DiceScoring(results["dice_grid"], results["postprocess"]),
+                 filter_dice=results.get("quality_filter_dice", 0.5))
+    return out / "report.md"

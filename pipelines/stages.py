@@ -27,12 +27,12 @@ from segment.config import SegmenterConfig, SuperpixelParams
 from segment.protocol import (Fold, ep1_support_indices, evaluate, excluded_class_ids, make_folds,
                               training_slice_mask)
 from segment.slices import PreparedData
+from segment.volumes import DataError
 
 GENERATORS = {"ddpm": DDPMConfig, "gan": GANConfig}
 CHECKPOINT_FILE = "checkpoint.pt"  # a generator's checkpoint inside its stage folder
 SAMPLING_FIELDS = ("sampler", "sample_steps", "sample_batch")  # read by synthesis, not by training
 FINETUNE_FIELDS = ("finetune_steps", "finetune_lr", "finetune_lr_scale")  # read by the per-class fine-tune
-BASELINE = "real-only"
 
 
 def segmenter_config(cfg: ExperimentConfig, model: str, seed: int) -> SegmenterConfig:
@@ -323,14 +323,22 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
             tuned = {c: (finetune_stage(acfg, data, fold, seed, bases[excl[c]], c, arm_synth[c], runner,
                                         f"{model} {arm.name} fold{fold.index} s{seed} {c}")
                          if acfg.synthesis.in_training else bases[excl[c]]) for c in classes}
+            pools = {c: _synthetic_pool(tuned[c][0]) if arm.sources and acfg.synthesis.in_training else None
+                     for c in classes}
             for protocol in cfg.protocol.protocols:
                 path, key = evaluate_stage(acfg, data, fold, seed, model, arm, protocol, tuned,
                                            {c: bases[excl[c]] for c in classes}, arm_synth, classes, runner)
-                rows += json.loads((path / "rows.json").read_text())["rows"]
+                rows += [r | {"synthetic_pairs": pools[r["class"]]}
+                         for r in json.loads((path / "rows.json").read_text())["rows"]]
                 evals.append({"model": model, "arm": arm.name, "protocol": protocol, "path": str(path), "key": key,
                               "fold": fold.index, "seed": seed})
     return rows, {"synth": {f"{s}|{c}": str(p) for (s, c), (p, _) in synth.items()}, "evals": evals,
                   "quality": quality, "fold": fold.index, "seed": seed}
+
+
+def _synthetic_pool(finetune_dir: Path) -> int:
+    """How many synthetic pairs the filter kept for a fine-tune (its pool.json)."""
+    return int(json.loads((finetune_dir / "pool.json").read_text())["synthetic"])
 
 
 def _overlay_panels(evals: list[dict], model: str, protocol: str) -> list[dict]:
@@ -346,6 +354,24 @@ def _overlay_panels(evals: list[dict], model: str, protocol: str) -> list[dict]:
     return panels
 
 
+def dice_scoring(cfg: ExperimentConfig, rows: list[dict], evals: list[dict]):
+    """How the rows' headline `dice` was scored, from the rows or their rows.json; working grid by default.
+
+    Rows that carry `dice_post` have a headline without post-processing; older rows were scored with
+    `[protocol] postprocess`.
+    """
+    from pipelines.report import DiceScoring
+    metas = [json.loads((Path(e["path"]) / "rows.json").read_text()) for e in evals]
+    grids = {r["dice_grid"] for r in rows if "dice_grid" in r} | {m["dice_grid"] for m in metas if "dice_grid" in m}
+    if len(grids) > 1:
+        raise DataError(f"rows scored on different Dice grids {sorted(grids)}: one report cannot mix them")
+    posts = {m["postprocess"] for m in metas if "postprocess" in m}
+    if any("dice_post" in r for r in rows):
+        posts = {False}
+    postprocess = posts.pop() if len(posts) == 1 else getattr(cfg.protocol, "postprocess", False)
+    return DiceScoring(grid=grids.pop() if grids else "working", postprocess=postprocess)
+
+
 def report_stage(cfg: ExperimentConfig, data: PreparedData, rows: list[dict], extras: list[dict], runner) -> Path:
     """Statistics, figures and report.md of the whole experiment, cached on the keys of what it reads."""
     evals = [e for x in extras for e in x["evals"]]
@@ -355,18 +381,8 @@ def report_stage(cfg: ExperimentConfig, data: PreparedData, rows: list[dict], ex
     def produce(folder: Path) -> None:
         from augment.synthesis import load_set, save_grid
         from pipelines import report
-        from pipelines.stats import paired_tests, summarise
-        summary, tests = summarise(rows), paired_tests(rows, baseline=BASELINE)
-        if any(r["arm"] == CLASSICAL for r in rows):  # generators against the classical control, separately
-            tests += paired_tests([r for r in rows if r["arm"] != BASELINE], baseline=CLASSICAL)
-        order = {a.name: i for i, a in enumerate(cfg.arms)}
-        summary.sort(key=lambda r: (r["protocol"], r["model"], order[r["arm"]]))
-        tests.sort(key=lambda r: (r["protocol"], r["baseline"] != BASELINE, r["model"], order[r["arm"]]))
         figures = {}
         for protocol in cfg.protocol.protocols:
-            name = f"dice_{protocol}.png"
-            report.dice_chart(summary, protocol, folder / name, arms=[a.name for a in cfg.arms])
-            figures[f"Dice per arm, model and class ({protocol})"] = name
             for model in cfg.models:
                 name = f"overlays_{model}_{protocol}.png"
                 report.overlay_figure(_overlay_panels(evals, model, protocol), folder / name,
@@ -386,8 +402,9 @@ def report_stage(cfg: ExperimentConfig, data: PreparedData, rows: list[dict], ex
                    "versions": _versions(), "units": [(x["fold"], x["seed"]) for x in extras]}
         quality = [json.loads((Path(q) / "quality.json").read_text()) for x in extras for q in x["quality"]]
         threshold = max([a.synthesis(cfg.synthesis).filter_dice for a in cfg.arms] + [0.0]) or 0.5
-        report.write_report(folder, title=f"SupportForge ablation: {cfg.name}", summary=summary, tests=tests,
-                            rows=rows, context=context, figures=figures, quality=quality, filter_dice=threshold)
+        report.build_report(folder, title=f"SupportForge ablation: {cfg.name}", rows=rows,
+                            arms=[a.name for a in cfg.arms], context=context, quality=quality, figures=figures,
+                            scoring=dice_scoring(cfg, rows, evals), filter_dice=threshold)
 
     inputs = {f"eval/{i}": e["key"] for i, e in enumerate(evals)}
     inputs |= {f"quality/{i}": Path(q).name for i, q in enumerate(q for x in extras for q in x["quality"])}

@@ -1,20 +1,63 @@
-"""Statistics of the ablation: spread over folds and seeds, and paired tests against real-only.
+"""Statistics of the ablation: spread over folds and seeds, and paired tests with the right unit.
 
-Input rows are one Dice per (protocol, model, arm, class, fold, seed, query volume). Every arm is scored
-on the same folds, seeds and query volumes, so arm A and the baseline pair up on (class, fold, seed,
-query). The primary test is the two-sided Wilcoxon signed-rank test on those pairs (few pairs, no
-normality assumed); the paired t-test is reported beside it. A gain is claimed only when the mean
-difference is positive and the Wilcoxon p-value is below alpha.
+Input rows are one Dice per (protocol, model, arm, class, fold, seed, query volume); `dice` is the headline
+score. Rows that share a query volume, or share one fine-tune, are not independent, so the unit of every
+paired test is the query volume of a fold, (fold, query):
+- per-class tests average a unit's Dice over seeds; the all-classes test averages over classes and seeds
+  (first over seeds per class, then over classes);
+- arm and reference are paired row by row on (class, fold, seed, query) before averaging, so both sides
+  of a unit average exactly the same cells.
+Per comparison: the mean paired difference over all units with a 95 % bootstrap CI (BCa, seeded), wins and
+losses, the exact two-sided Wilcoxon signed-rank p (zero differences dropped from n, as Wilcoxon does, and
+counted), and the paired t-test p beside it. p-values are Holm-adjusted over the whole family of
+comparisons of a (protocol, model); a gain or loss is claimed only at adjusted p < alpha with a CI that
+excludes 0 on the same side as the mean difference.
+
+An arm whose mask-consistency filter kept zero synthetic pairs in a (fold, seed, class) unit (row field
+`synthetic_pairs` = 0) is not augmented there: those cells leave its tests, with a note saying so.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 
 ALL = "all"
+BASELINE = "real-only"  # the arm every other arm is tested against
+CLASSICAL = "classical"  # the classical-augmentation control generator arms are tested against
+UNIT = "query volume of a fold"
+DECIMALS = 12  # differences are rounded to this many decimals: float noise of averaging makes no ties or zeros
+EXACT_LIMIT = 50  # the exact Wilcoxon distribution is used up to this many non-zero units
+FLIP_LIMIT = 9999  # with ties, every sign flip is enumerated while there are at most this many
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Which arm plays which part in the tests.
+
+    Found by name today (`BASELINE`, `CLASSICAL`); this is the only place that looks at arm names.
+    """
+
+    baseline: str | None
+    control: str | None
+    augmented: tuple[str, ...]  # every arm but the baseline, in the given order
+
+    def comparisons(self) -> list[tuple[str, str]]:
+        """(arm, reference): each arm against the baseline, then each generator arm against the control."""
+        out = [(a, self.baseline) for a in self.augmented if self.baseline]
+        return out + [(a, self.control) for a in self.augmented if self.control and a != self.control]
+
+
+def arm_roles(arms: Iterable[str]) -> Roles:
+    """The roles of the arms named in `arms` (order kept)."""
+    names = list(dict.fromkeys(arms))
+    baseline = BASELINE if BASELINE in names else None
+    return Roles(baseline=baseline, control=CLASSICAL if CLASSICAL in names else None,
+                 augmented=tuple(a for a in names if a != baseline))
 
 
 def _group(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
@@ -24,58 +67,192 @@ def _group(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
     return out
 
 
+def _spread(rows: list[dict], value: str) -> list[dict]:
+    """Mean and std over (fold, seed) units of `value`, per class and over all classes."""
+    units = _group(rows, ("fold", "seed"))
+    per_unit = {u: {c: float(np.mean([r[value] for r in rs])) for (c,), rs in _group(unit_rows, ("class",)).items()}
+                for u, unit_rows in units.items()}
+    out = []
+    for cls in (*sorted({r["class"] for r in rows}), ALL):
+        vals = [np.mean(list(u.values())) if cls == ALL else u[cls] for u in per_unit.values()
+                if cls == ALL or cls in u]
+        out.append({"class": cls, "mean": float(np.mean(vals)), "std": float(np.std(vals)), "units": len(vals)})
+    return out
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean and standard deviation over (fold, seed) units, per class and over all classes.
 
     A unit's score for a class is its mean over query volumes; its overall score is the mean over classes.
+    Where every row of an arm has `dice_post` (post-processed Dice), its mean and std ride along.
     """
     out = []
     for (protocol, model, arm), group in sorted(_group(rows, ("protocol", "model", "arm")).items()):
-        units = _group(group, ("fold", "seed"))
-        per_unit = {u: {c: float(np.mean([r["dice"] for r in rs]))
-                        for (c,), rs in _group(unit_rows, ("class",)).items()} for u, unit_rows in units.items()}
-        classes = sorted({r["class"] for r in group})
-        for cls in (*classes, ALL):
-            vals = [np.mean(list(u.values())) if cls == ALL else u[cls] for u in per_unit.values()
-                    if cls == ALL or cls in u]
-            out.append({"protocol": protocol, "model": model, "arm": arm, "class": cls, "mean": float(np.mean(vals)),
-                        "std": float(np.std(vals)), "units": len(vals)})
+        cells = _spread(group, "dice")
+        if all(r.get("dice_post") is not None for r in group):
+            for cell, post in zip(cells, _spread(group, "dice_post")):
+                cell |= {"mean_post": post["mean"], "std_post": post["std"]}
+        out += [{"protocol": protocol, "model": model, "arm": arm, **cell} for cell in cells]
     return out
 
 
-def paired_tests(rows: list[dict], *, baseline: str, alpha: float = 0.05) -> list[dict]:
-    """Each arm minus `baseline`, paired over query volumes, per class and pooled over classes."""
-    index = {(r["protocol"], r["model"], r["arm"], r["class"], r["fold"], r["seed"], r["query"]): r["dice"]
-             for r in rows}
-    out = []
-    for (protocol, model, arm), group in sorted(_group(rows, ("protocol", "model", "arm")).items()):
-        if arm == baseline:
+def zero_pool_cells(rows: list[dict]) -> tuple[dict[tuple, set], dict[tuple, set]]:
+    """Per (model, arm): the (class, fold, seed) cells with a fine-tune pool count, and those where the
+    filter kept zero synthetic pairs. Rows without `synthetic_pairs` (or None: no synthetic source) count
+    in neither."""
+    counted: dict[tuple, set] = defaultdict(set)
+    zero: dict[tuple, set] = defaultdict(set)
+    for r in rows:
+        if r.get("synthetic_pairs") is None:
             continue
-        for cls in (*sorted({r["class"] for r in group}), ALL):
-            pairs = [(r["dice"], index.get((protocol, model, baseline, r["class"], r["fold"], r["seed"], r["query"])))
-                     for r in group if cls == ALL or r["class"] == cls]
-            pairs = [(a, b) for a, b in pairs if b is not None]
-            out.append({"protocol": protocol, "model": model, "arm": arm, "baseline": baseline, "class": cls,
-                        **compare([a for a, _ in pairs], [b for _, b in pairs], alpha=alpha)})
+        cell = (r["class"], r["fold"], r["seed"])
+        counted[r["model"], r["arm"]].add(cell)
+        if r["synthetic_pairs"] == 0:
+            zero[r["model"], r["arm"]].add(cell)
+    return counted, zero
+
+
+def pool_notes(rows: list[dict]) -> list[str]:
+    """One line per (model, arm) whose filter kept zero synthetic pairs somewhere."""
+    counted, zero = zero_pool_cells(rows)
+    notes = []
+    for (model, arm), cells in sorted(zero.items()):
+        total = len(counted[model, arm])
+        tail = "not tested" if len(cells) == total else "those cells are left out of its tests"
+        notes.append(f"arm {arm} ({model}): filter kept 0 pairs in {len(cells)} of {total} (fold, seed, class) "
+                     f"units; {tail}")
+    return notes
+
+
+def unit_differences(arm_rows: list[dict], ref_rows: list[dict], *, cls: str,
+                     excluded: set[tuple] = frozenset()) -> np.ndarray:
+    """Arm minus reference per (fold, query) unit, averaged over seeds (and classes for `ALL`).
+
+    Cells are paired on (class, fold, seed, query) first; (class, fold, seed) cells in `excluded` leave
+    both sides. Units come out sorted by (fold, query).
+    """
+    ref = {(r["class"], r["fold"], r["seed"], r["query"]): r["dice"] for r in ref_rows}
+    cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))  # unit -> class -> diffs
+    for r in arm_rows:
+        key = (r["class"], r["fold"], r["seed"], r["query"])
+        if (cls == ALL or r["class"] == cls) and key in ref and key[:3] not in excluded:
+            cells[r["fold"], r["query"]][r["class"]].append(r["dice"] - ref[key])
+    return np.array([np.mean([np.mean(per_seed) for per_seed in cells[u].values()])
+                     for u in sorted(cells, key=lambda u: (u[0], str(u[1])))], dtype=float)  # (units,)
+
+
+def bootstrap_ci(diffs: np.ndarray, *, seed: int) -> tuple[float | None, float | None, str | None]:
+    """95 % CI of the mean difference: BCa from n = 3, percentile at n = 2, none below; seeded."""
+    n = len(diffs)
+    if n < 2:
+        return None, None, None
+    if np.ptp(diffs) == 0:  # every resample has the same mean
+        return float(diffs[0]), float(diffs[0]), "degenerate"
+    method = "BCa" if n >= 3 else "percentile"
+    res = stats.bootstrap((diffs,), np.mean, method=method, confidence_level=0.95, n_resamples=9999,
+                          random_state=np.random.default_rng(seed))
+    low, high = res.confidence_interval
+    if not (np.isfinite(low) and np.isfinite(high)):  # BCa can fail on near-degenerate data
+        method = "percentile"
+        res = stats.bootstrap((diffs,), np.mean, method=method, confidence_level=0.95, n_resamples=9999,
+                              random_state=np.random.default_rng(seed))
+        low, high = res.confidence_interval
+    return float(low), float(high), method
+
+
+def describe(diffs: np.ndarray, *, seed: int) -> dict:
+    """Everything a paired comparison reports about its unit differences, before multiplicity adjustment."""
+    diffs = np.round(np.asarray(diffs, dtype=float), DECIMALS) + 0.0  # (units,); float noise is no tie-breaker
+    nonzero = diffs[diffs != 0]
+    low, high, ci_method = bootstrap_ci(diffs, seed=seed)
+    out = {"unit": UNIT, "units": len(diffs), "n": len(nonzero), "dropped_zeros": int(len(diffs) - len(nonzero)),
+           "mean_diff": float(diffs.mean()) if len(diffs) else None, "ci_low": low, "ci_high": high,
+           "ci_method": ci_method, "wins": int((diffs > 0).sum()), "losses": int((diffs < 0).sum()),
+           "p_wilcoxon": None, "wilcoxon_method": None, "p_ttest": None}
+    if len(nonzero):
+        out["p_wilcoxon"], out["wilcoxon_method"] = wilcoxon_p(nonzero)
+    if len(diffs) >= 2 and np.ptp(diffs) > 0:
+        out["p_ttest"] = float(stats.ttest_1samp(diffs, 0.0).pvalue)
     return out
 
 
-def compare(arm: list[float], base: list[float], *, alpha: float) -> dict:
-    """Paired comparison of two equally long score lists, with a verdict that never overclaims."""
-    a, b = np.asarray(arm, dtype=float), np.asarray(base, dtype=float)
-    diff = a - b
-    n = len(diff)
-    result = {"n": n, "mean_diff": float(diff.mean()) if n else float("nan"),
-              "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum()),
-              "p_wilcoxon": float("nan"), "p_ttest": float("nan")}
-    if n < 2 or not np.any(diff):
-        result["verdict"] = "no difference" if n >= 2 else "too few pairs"
-        return result
-    result["p_wilcoxon"] = float(stats.wilcoxon(a, b).pvalue)
-    if np.ptp(diff) > 1e-9:
-        result["p_ttest"] = float(stats.ttest_rel(a, b).pvalue)
-    if result["p_wilcoxon"] < alpha:
-        result["verdict"] = "gain" if result["mean_diff"] > 0 else "loss"
-    else:
-        result["verdict"] = "no significant difference"
-    return result
+def wilcoxon_p(nonzero: np.ndarray) -> tuple[float, str]:
+    """Two-sided signed-rank p of non-zero differences, exact wherever it can be computed.
+
+    Without ties: the exact null distribution. With tied |differences| the exact distribution is the
+    enumeration of all 2**n sign flips, feasible up to n = 13; beyond, the normal approximation.
+    """
+    n, ties = len(nonzero), len(np.unique(np.abs(nonzero))) < len(nonzero)
+    if not ties and n <= EXACT_LIMIT:
+        return float(stats.wilcoxon(nonzero, method="exact").pvalue), "exact"
+    if ties and 2 ** n <= FLIP_LIMIT:
+        flips = stats.PermutationMethod(n_resamples=FLIP_LIMIT)  # more resamples than flips: all are enumerated
+        return float(stats.wilcoxon(nonzero, method=flips).pvalue), "exact (sign flips, ties)"
+    return float(stats.wilcoxon(nonzero, method="asymptotic").pvalue), "asymptotic"
+
+
+def holm(pvalues: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment; None (untested) stays None and does not count in the family."""
+    order = sorted((i for i, p in enumerate(pvalues) if p is not None), key=lambda i: pvalues[i])
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def verdict(test: dict, *, alpha: float) -> str:
+    """gain / loss only at Holm-adjusted p < alpha with the CI on the side of the mean difference."""
+    if test["units"] < 2:
+        return "too few units"
+    if test["n"] == 0:
+        return "no difference"
+    p, mean = test["p_holm"], test["mean_diff"]
+    if p is not None and p < alpha and test["ci_low"] is not None:
+        if mean > 0 and test["ci_low"] > 0:
+            return "gain"
+        if mean < 0 and test["ci_high"] < 0:
+            return "loss"
+    return "no significant difference"
+
+
+def _family(rows: list[dict], protocol: str, model: str, *, seed: int) -> list[dict]:
+    """Every comparison of one (protocol, model), unadjusted, in role order."""
+    by_arm = _group(rows, ("arm",))
+    roles = arm_roles(r["arm"] for r in rows)
+    counted, zero = zero_pool_cells(rows)
+    classes = sorted({r["class"] for r in rows})
+    out = []
+    for arm, ref in roles.comparisons():
+        excluded = zero.get((model, arm), set()) | zero.get((model, ref), set())
+        untested = [a for a in (arm, ref) if counted.get((model, a)) and zero.get((model, a)) == counted[model, a]]
+        if untested:
+            continue  # an arm without synthetic pairs anywhere is no augmented arm: its note says so
+        for cls in (classes if len(classes) > 1 else []) + [ALL]:
+            diffs = unit_differences(by_arm[(arm,)], by_arm[(ref,)], cls=cls, excluded=excluded)
+            out.append({"protocol": protocol, "model": model, "arm": arm, "vs": ref, "class": cls,
+                        "primary": False, **describe(diffs, seed=seed)})
+    return out
+
+
+def paired_tests(rows: list[dict], *, alpha: float = 0.05, seed: int = 0) -> tuple[list[dict], list[str]]:
+    """Every paired comparison, Holm-adjusted per (protocol, model), with the primary one marked; and the
+    notes on arms (or cells) left untested because their filter kept zero synthetic pairs.
+
+    The primary comparison of a (protocol, model) is its best tested augmented arm against the baseline, over
+    all classes: the arm with the highest mean Dice over all classes on the cells where it is tested, which
+    is the highest mean difference from the baseline.
+    """
+    tests = []
+    for (protocol, model), group in _group(rows, ("protocol", "model")).items():
+        family = _family(group, protocol, model, seed=seed)
+        for t, p in zip(family, holm([t["p_wilcoxon"] for t in family])):
+            t["p_holm"] = p
+            t["verdict"] = verdict(t, alpha=alpha)
+        baseline = arm_roles(r["arm"] for r in group).baseline
+        candidates = [t for t in family if t["vs"] == baseline and t["class"] == ALL]
+        if candidates:
+            max(candidates, key=lambda t: -np.inf if t["mean_diff"] is None else t["mean_diff"])["primary"] = True
+        tests += family
+    return tests, pool_notes(rows)

@@ -90,6 +90,8 @@ def test_run_writes_report_figures_and_rows(first_run):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert {r["arm"] for r in rows} == {"real-only", "classical", "ddpm"}
     assert {r["query"] for r in rows} == {"1", "2", "3"} and all(0.0 <= r["dice"] <= 1.0 for r in rows)
+    pools = {r["arm"]: r["synthetic_pairs"] for r in rows}  # the fine-tune pool's kept synthetic pairs
+    assert pools == {"real-only": None, "classical": 2, "ddpm": 2}  # n_pairs = 2, no filter
     report = (out / "report.md").read_text()
     assert "## Verdict" in report and "Wilcoxon" in report and "vs" in report
     assert "## Synthetic pair quality" in report and "| ddpm | liver |" in report

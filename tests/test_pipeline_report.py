@@ -1,0 +1,146 @@
+"""The ablation report: the unit and Holm-adjusted p in its tables, strict JSON, and `supportforge report`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+from pipelines.report import DiceScoring, build_report
+
+
+def _rows(arm: str, shift: float, *, folds=(0, 1, 2), post: bool = False) -> list[dict]:
+    rows = []
+    for f in folds:
+        for qi, q in enumerate(("5", "6")):
+            for ci, c in enumerate(("liver", "spleen")):
+                dice = 0.4 + 0.05 * f + 0.03 * qi + 0.1 * ci + shift * (1 + 0.1 * qi + 0.2 * f)
+                rows.append({"protocol": "EP1", "model": "prototype", "arm": arm, "class": c, "fold": f, "seed": 0,
+                             "query": q, "dice": dice, **({"dice_post": dice + 0.01} if post else {})})
+    return rows
+
+
+def _no_nan(name: str):
+    raise AssertionError(f"results.json holds {name}")
+
+
+def _build(out: Path, rows: list[dict], *, quality=(), scoring=DiceScoring("working", True)) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    build_report(out, title="t", rows=rows, arms=["real-only", "classical", "ddpm"], context={"experiment": "t"},
+                 quality=list(quality), scoring=scoring, figures={}, filter_dice=0.5)
+    return json.loads((out / "results.json").read_text(), parse_constant=_no_nan)
+
+
+@pytest.fixture()
+def results_file(tmp_path) -> Path:
+    _build(tmp_path / "run", _rows("real-only", 0.0) + _rows("classical", 0.01) + _rows("ddpm", 0.03))
+    return tmp_path / "run" / "results.json"
+
+
+def test_tests_table_names_the_unit_and_the_primary_comparison(results_file):
+    report = (results_file.parent / "report.md").read_text()
+    assert "### EP1: paired differences (unit: query volume of a fold, n = distinct (fold, query))" in report
+    assert ("| model | arm | vs | class | n | dropped zeros | mean diff | 95 % CI | wins/losses | p (Wilcoxon) | "
+            "p (Holm) | p (t) | verdict |") in report
+    assert report.count("(primary)") == 1 and "| prototype | **ddpm** (primary) | real-only | all | 6 | 0 |" in report
+    assert "EP1 prototype (primary comparison): **ddpm**" in report and "Holm-adjusted p" in report
+    assert "Dice is scored on the working label grid, with post-processing (headline)." in report
+    assert "post-processed" not in report.split("## EP1: mean Dice")[1].splitlines()[2]  # no second column
+    results = json.loads(results_file.read_text())
+    assert (results["dice_grid"], results["postprocess"]) == ("working", True)
+    primary = [t for t in results["tests"] if t["primary"]]
+    assert [(t["arm"], t["vs"], t["class"], t["n"]) for t in primary] == [("ddpm", "real-only", "all", 6)]
+
+
+def test_results_json_is_strict_json_with_null_for_undefined_values(tmp_path):
+    rows = _rows("real-only", 0.0, folds=(0,)) + _rows("ddpm", 0.02, folds=(0,))
+    rows = [r for r in rows if r["query"] == "5"]  # one unit: no CI, no t-test
+    quality = [{"source": "ddpm", "class": "liver", "mask_consistency": float("nan"), "histogram_distance": 0.1,
+                "nn_distance_to_supports": float("inf"), "per_pair": [0.4]}]
+    results = _build(tmp_path, rows, quality=quality)  # parse_constant raises on NaN / Infinity
+    pooled = next(t for t in results["tests"] if t["class"] == "all")
+    assert pooled["units"] == 1 and pooled["ci_low"] is None and pooled["p_ttest"] is None
+    assert results["quality"][0]["mask_consistency"] is None and results["quality"][0]["nn_distance_to_supports"] is None
+    assert "| n/a | 1/0 | 1 | 1 | n/a | too few units |" in (tmp_path / "report.md").read_text()
+
+
+def test_post_processed_dice_is_a_second_column(tmp_path):
+    rows = _rows("real-only", 0.0, post=True) + _rows("ddpm", 0.03, post=True)
+    results = _build(tmp_path, rows, scoring=DiceScoring("native", False))
+    report = (tmp_path / "report.md").read_text()
+    assert "| model | arm | liver | spleen | all | all, post-processed |" in report
+    assert "Dice is scored on the native label grid, without post-processing (headline). A second column" in report
+    assert (results["dice_grid"], results["postprocess"]) == ("native", False)
+    cell = next(s for s in results["summary"] if s["arm"] == "ddpm" and s["class"] == "all")
+    assert cell["mean_post"] == pytest.approx(cell["mean"] + 0.01)
+
+
+def test_report_command_rebuilds_the_report(results_file, tmp_path, capsys):
+    out = tmp_path / "rebuilt"
+    assert main(["report", str(results_file), "--out", str(out)]) == 0
+    assert f"wrote {out / 'report.md'}" in capsys.readouterr().out
+    for name in ("report.md", "results.json", "dice_EP1.png"):
+        assert (out / name).is_file(), name
+    old, new = json.loads(results_file.read_text()), json.loads((out / "results.json").read_text())
+    assert new["tests"] == old["tests"] and new["rows"] == old["rows"]
+    assert (out / "report.md").read_text() == (results_file.parent / "report.md").read_text()
+
+
+def _drop(key: str):
+    def edit(results: dict) -> None:
+        del results[key]
+    return edit
+
+
+def _drop_row_field(i: int, key: str):
+    def edit(results: dict) -> None:
+        del results["rows"][i][key]
+    return edit
+
+
+def _set_dice(value):
+    def edit(results: dict) -> None:
+        results["rows"][2]["dice"] = value
+    return edit
+
+
+BAD = {  # case -> (edit of the parsed file or of its text, what the one-line error must say)
+    "old format: no dice_grid": (_drop("dice_grid"), "no field 'dice_grid' (an older results format?)"),
+    "old format: no postprocess": (_drop("postprocess"), "postprocess = None; expected true or false"),
+    "row without dice": (_drop_row_field(3, "dice"), "row 3 has no field 'dice' (an older results format?)"),
+    "row without query": (_drop_row_field(0, "query"), "row 0 has no field 'query'"),
+    "dice out of range": (_set_dice(1.5), "row 2 has dice = 1.5; expected a number in [0, 1]"),
+    "NaN in the file": (lambda text: text.replace('"dice": ', '"dice": NaN, "x": ', 1), "NaN is not valid JSON"),
+    "truncated file": (lambda text: text[: len(text) // 2], "not a valid results JSON"),
+    "bad dice_grid": (lambda r: r.update(dice_grid="256"), "dice_grid = '256'; expected one of ['native', 'working']"),
+}
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_report_command_refuses_bad_results_and_writes_nothing(results_file, tmp_path, capsys, case):
+    edit, message = BAD[case]
+    if case in ("NaN in the file", "truncated file"):
+        results_file.write_text(edit(results_file.read_text()))
+    else:
+        results = json.loads(results_file.read_text())
+        edit(results)
+        results_file.write_text(json.dumps(results))
+    before, out = _tree(tmp_path), tmp_path / "rebuilt"
+    assert main(["report", str(results_file), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"supportforge: error: {results_file}: ") and message in err[0], err
+    assert not out.exists() and _tree(tmp_path) == before
+
+
+def test_report_command_on_a_missing_file(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "none.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "none.json: cannot read the results file (No such file or directory)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

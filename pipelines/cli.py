@@ -11,7 +11,7 @@ from pathlib import Path
 from pipelines.cache import StageCache
 from pipelines.config import ConfigError, load
 from segment.phantom import write_phantom
-from segment.protocol import PROTOCOLS, empty_predictor, evaluate, make_folds, oracle_predictor
+from segment.protocol import GRIDS, PROTOCOLS, empty_predictor, evaluate, make_folds, oracle_predictor
 from segment.slices import prepare
 from segment.volumes import DataError, resolve_spec
 
@@ -55,10 +55,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     data = prepare(spec, args.data, resolution=args.resolution, cache_dir=args.cache)
     predictor = oracle_predictor(data) if args.predictor == "oracle" else empty_predictor
     folds = make_folds(data.ids, spec.n_folds)
-    results = {p: evaluate(predictor, data, folds, classes=spec.classes, protocol=p) for p in args.protocol}
+    results = {p: evaluate(predictor, data, folds, classes=spec.classes, protocol=p, dice_grid=args.dice_grid)
+               for p in args.protocol}
     for protocol, res in results.items():
         cells = "  ".join(f"{c} {100 * d:.1f}" for c, d in res["per_class"].items())
-        print(f"{protocol} {args.predictor}: mean Dice {100 * res['mean']:.1f}  ({cells})")
+        print(f"{protocol} {args.predictor}: mean Dice {100 * res['mean']:.1f} on the {args.dice_grid} grid, "
+              f"{100 * res['mean_post']:.1f} with the 3D largest component  ({cells})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
@@ -134,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--predictor", choices=("oracle", "empty"), default="oracle")
     p.add_argument("--protocol", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    p.add_argument("--dice-grid", choices=GRIDS, default="native", help="score on the label files' grid or the working one")
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     p.set_defaults(func=cmd_evaluate)
 

@@ -91,7 +91,7 @@ class ProtocolConfig:
     folds: tuple[int, ...] | None = None  # None: every fold of the spec
     classes: tuple[str, ...] | None = None  # None: every class of the spec
     seeds: tuple[int, ...] = (0,)
-    postprocess: bool = True  # keep the largest 3D component of each prediction, the same for every arm
+    postprocess: bool = True  # unused: evaluation rows always carry dice (headline, none) and dice_post (per-volume 3D LCC)
 
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:

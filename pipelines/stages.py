@@ -56,7 +56,7 @@ def exclusion_sets(data: PreparedData, classes: tuple[str, ...], setting: int) -
 def support_pairs(data: PreparedData, fold: Fold, name: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """The protocol's support pairs of a class: its EP1 slices of the fold's support volume, (3, 1, R, R)."""
     vol = data.volume(fold.support)
-    idx = ep1_support_indices(vol.labels, data.spec.class_id(name))
+    idx = ep1_support_indices(vol.native_labels, data.spec.class_id(name))  # the protocol's slices
     images = torch.from_numpy(vol.images[idx][:, None].copy())
     masks = torch.from_numpy((vol.labels[idx] == data.spec.class_id(name))[:, None].astype(np.float32))
     return images, masks, idx
@@ -244,25 +244,44 @@ def quality_stage(cfg, data, fold, seed, source, class_name, synth_entry, base, 
                   {"synthesis": synth_entry[1], "base": base[1]}, produce)
 
 
+def _to_shape(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(H, W) bool -> `shape` by nearest-exact sampling, the rule the working labels were made with."""
+    if mask.shape == tuple(shape):
+        return mask
+    x = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, H, W)
+    return torch.nn.functional.interpolate(x, size=tuple(shape), mode="nearest-exact")[0, 0].numpy() > 0.5
+
+
 def _overlay_hook(keep: list[dict], n_slices: int, wanted_query: dict[str, str], data: PreparedData):
-    """Keep a few query slices (image, truth, prediction) of one query volume per class for the report."""
+    """Keep a few query slices (image, truth, prediction) of one query volume per class for the report.
+
+    The prediction comes on the scoring grid (native by default); truth and prediction are drawn on the
+    working image, so both are brought to its size.
+    """
 
     def hook(fold_index: int, class_name: str, query_id: str, zs: np.ndarray, pred: np.ndarray) -> None:
         if wanted_query.setdefault(class_name, query_id) != query_id:
             return
         vol, cid = data.volume(query_id), data.spec.class_id(class_name)
-        with_truth = [i for i, z in enumerate(zs) if (vol.labels[z] == cid).any()]
+        truth = vol.native_labels if pred.shape[1:] == vol.native_labels.shape[1:] else vol.labels
+        with_truth = [i for i, z in enumerate(zs) if (truth[z] == cid).any()]
+        shape = vol.images.shape[1:]
         for i in with_truth[len(with_truth) // 2:][:n_slices]:
             keep.append({"class": class_name, "query": query_id, "slice": int(zs[i]), "image": vol.images[zs[i]],
-                         "truth": vol.labels[zs[i]] == cid, "pred": pred[i]})
+                         "truth": _to_shape(truth[zs[i]] == cid, shape), "pred": _to_shape(pred[i], shape)})
 
     return hook
 
 
 def evaluate_stage(cfg, data, fold, seed, model, arm, protocol, tuned, bases, synth, classes,
                    runner) -> tuple[Path, str]:
-    """Score one (model, arm) under one protocol; extra test-time supports come from the arm's pairs."""
+    """Score one (model, arm) under one protocol; extra test-time supports come from the arm's pairs.
+
+    Rows carry `dice` (native label grid, no post-processing: the headline) and `dice_post` (the same
+    prediction after the largest 3D component of each query volume); see `segment.protocol`.
+    """
     at_test = cfg.synthesis.at_test and any(synth.values())
+    grid = "native"
 
     def predictor_for(fold_: Fold, class_name: str):
         from segment import train as seg_train
@@ -273,16 +292,17 @@ def evaluate_stage(cfg, data, fold, seed, model, arm, protocol, tuned, bases, sy
             extra = synthetic_pairs(data, fold_, class_name, synth[class_name], limit=cfg.synthesis.max_test_supports,
                                     base_model=bases[class_name][0] / "model.pt", min_dice=cfg.synthesis.filter_dice)
             extra = extra if len(extra[0]) else None
-        return make_predictor(net, extra_supports=extra, postprocess=cfg.protocol.postprocess)
+        return make_predictor(net, extra_supports=extra)  # probabilities; the evaluator post-processes
 
     def produce(folder: Path) -> None:
         panels: list[dict] = []
         res = evaluate(None, data, [fold], classes=classes, protocol=protocol, predictor_for_fold=predictor_for,
-                       on_prediction=_overlay_hook(panels, cfg.run.overlays, {}, data))
+                       dice_grid=grid, on_prediction=_overlay_hook(panels, cfg.run.overlays, {}, data))
         rows = [{"protocol": protocol, "model": model, "arm": arm.name, "class": c, "fold": fold.index, "seed": seed,
-                 "query": q, "dice": d} for row in res["folds"] for c, per_q in row["dice"].items()
-                for q, d in per_q.items()]
-        (folder / "rows.json").write_text(json.dumps({"rows": rows, "skipped": res["skipped"]}, indent=2))
+                 "query": q, "dice": d, "dice_post": row["dice_post"][c][q]}
+                for row in res["folds"] for c, per_q in row["dice"].items() for q, d in per_q.items()]
+        (folder / "rows.json").write_text(json.dumps({"rows": rows, "skipped": res["skipped"], "dice_grid": grid,
+                                                      "postprocess": False}, indent=2))
         np.savez_compressed(folder / "overlays.npz", **{f"{k}_{i}": np.asarray(p[k]) for i, p in enumerate(panels)
                                                          for k in ("image", "truth", "pred")})
         (folder / "overlays.json").write_text(json.dumps([{k: p[k] for k in ("class", "query", "slice")}
@@ -292,7 +312,7 @@ def evaluate_stage(cfg, data, fold, seed, model, arm, protocol, tuned, bases, sy
               **({f"synth/{c}/{s}": k for c, per in synth.items() for s, (_, k) in per.items()} if at_test else {}),
               **({f"base/{c}": k for c, (_, k) in bases.items()} if at_test and cfg.synthesis.filter_dice > 0 else {})}
     config = {"protocol": protocol, "classes": list(classes), "at_test": at_test,
-              "max_test_supports": cfg.synthesis.max_test_supports, "postprocess": cfg.protocol.postprocess,
+              "max_test_supports": cfg.synthesis.max_test_supports, "dice_grid": grid, "dice_post": True,
               "filter_dice": cfg.synthesis.filter_dice if at_test else 0.0,
               "overlays": cfg.run.overlays}
     label = f"{model} {arm.name} {protocol} fold{fold.index} s{seed}"

@@ -2,27 +2,20 @@
 
 `make_predictor(model, extra_supports=(images, masks))` appends extra (image, mask) pairs of the novel
 class (real or synthetic) to the supports the protocol gives, so both models see k = 1 + N supports.
-Optional 3D post-processing keeps the largest connected component of the thresholded query stack:
-the protocol hands a predictor contiguous slices of one query volume, and an organ is one blob.
+The predictor returns working-resolution probabilities; the protocol's evaluator resamples them to the
+scoring grid and applies the largest-3D-component step itself, once per assembled query volume. The
+optional `postprocess` here acts on one call's query stack only (for use outside the protocol: the
+evaluator calls a predictor once per EP1 chunk, so it must not be used there).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from segment.episodes import check_pairs
 from segment.pooling import check_episode
-
-
-def largest_component(masks: np.ndarray) -> np.ndarray:
-    """(Q, H, W) bool -> the largest 26-connected 3D component (empty stays empty)."""
-    labels, n = ndimage.label(masks, structure=np.ones((3, 3, 3), dtype=bool))
-    if n <= 1:
-        return masks
-    sizes = ndimage.sum_labels(masks, labels, index=np.arange(1, n + 1))
-    return labels == (int(np.argmax(sizes)) + 1)
+from segment.protocol import largest_component  # noqa: F401 (re-exported: one implementation)
 
 
 def make_predictor(model: torch.nn.Module, *, extra_supports: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -31,7 +24,8 @@ def make_predictor(model: torch.nn.Module, *, extra_supports: tuple[torch.Tensor
     """A `protocol.Predictor` over `model` (a `PrototypeNet` or `ConditionalNet`, e.g. from `train.load`).
 
     extra_supports: (images (N, 1, H, W), masks (N, 1, H, W)) appended to every call's supports.
-    postprocess: threshold at `threshold` and keep the largest 3D component of the query stack.
+    postprocess: threshold at `threshold` and keep the largest 3D component of this call's query stack
+    (not for `protocol.evaluate`, which post-processes whole query volumes itself).
     self_support: refinement rounds that pool prototypes from the queries' own prediction (prototype
     model only; see `PrototypeNet.segment`).
     Returns (Q, 1, H, W): probabilities, or {0, 1} when post-processed.

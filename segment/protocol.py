@@ -13,21 +13,37 @@ the dataset spec, e.g. upper abdomen {liver, spleen}, lower abdomen {left, right
 descendants drop a slice only when it holds ALL excluded classes, which inflates Setting 2 scores; this
 module implements the OR rule on purpose.
 
+Class ranges. Every slice range below (support span, query span) comes from the labels as loaded, at
+their native in-plane size, never from the down-sampled working labels: a structure that only a few
+native pixels show in an end slice is inside its span.
+
 EP1 (Roy et al. 2020; Ouyang et al. 2020). In the support volume, the slices that hold the class span
-[z0, z1], length L = z1 - z0 + 1. It is cut into n = 3 equal chunks and chunk i's support slice is
+[z0, z1], length L = z1 - z0 + 1. It is cut into n = 3 chunks and chunk i's support slice is
 z0 + floor(L * (2i + 1) / (2n)), i.e. relative positions 1/6, 1/2, 5/6. Each query volume's class span
-(taken from the query label) is cut the same way: slice z of span length Lq belongs to chunk
-floor((z - q0) * n / Lq), and every slice of chunk i is segmented with support slice i. "1-shot" thus
-means one labelled volume, three annotated slices.
+[zmin, zmax] (from the query label) is cut as SSL-ALPNet's test loader does: slice z belongs to chunk
+min((z - zmin) // ((zmax - zmin) / n), n - 1), in floating point, so leftover slices go to the LAST
+chunk; a one-slice span is chunk 0. Every slice of chunk i is segmented with support slice i. "1-shot"
+thus means one labelled volume, three annotated slices.
 
 EP2 (Hansen et al. 2022). The middle support slice (relative position 1/2, as above with n = 1)
 segments EVERY slice of each query volume; no query label picks slices.
 
-Dice. Per query volume in 3D: 2 TP / (2 TP + FP + FN) summed over all slices the protocol segments
-(for EP1 the class span; outside it both prediction and truth are empty), at the working resolution.
-Means: over query volumes within a fold, then over folds, per class; the overall mean is over classes.
-A query volume in which the class is absent is skipped and listed under "skipped". EP1 and EP2 results
-are never merged: each `evaluate` call scores one protocol.
+What a predictor sees and returns. Predictors get working-resolution slices: support images and masks
+(the working labels of the support slices) and query images, each (n, 1, R, R). They return the query
+foreground, probabilities or {0, 1}, either at the working size (Q, 1, R, R) or at the query label
+file's native in-plane size (Q, 1, H0, W0). The evaluator brings it to the scoring grid only when the
+sizes differ: working -> native by bilinear interpolation of the probabilities (align_corners=False),
+native -> working by nearest-exact sampling (the rule the working labels were made with); then it
+thresholds at p > 0.5. A predictor that knows the native truth (the oracle) can thus be exact.
+
+Dice. Scored on `dice_grid` = "native" (default: the label file's grid, as published numbers are) or
+"working". Per query volume in 3D: 2 TP / (2 TP + FP + FN) summed over all slices of the volume (for
+EP1 the slices outside the query span are predicted empty). Two figures per query volume: `dice`, the
+headline, is the thresholded prediction as it is (no post-processing, as SSL-ALPNet reports);
+`dice_post` first keeps the largest 26-connected 3D component of the whole assembled query prediction,
+once per query volume. Means: over query volumes within a fold, then over folds, per class; the overall
+mean is over classes. A query volume in which the class is absent is skipped and listed under
+"skipped". EP1 and EP2 results are never merged: each `evaluate` call scores one protocol.
 """
 
 from __future__ import annotations
@@ -37,16 +53,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from scipy import ndimage
 from tqdm import tqdm
 
 from segment.config import PROTOCOLS, SETTINGS  # defined torch-free so configs validate without torch
-from segment.slices import PreparedData
+from segment.slices import PreparedData, Volume
 from segment.volumes import DataError, DatasetSpec
 
-# (support images (S, 1, H, W), support masks (S, 1, H, W) in {0, 1}, query images (Q, 1, H, W))
-#   -> query masks (Q, 1, H, W), probabilities or {0, 1}; thresholded at 0.5.
+GRIDS = ("native", "working")
+
+# (support images (S, 1, R, R), support masks (S, 1, R, R) in {0, 1}, query images (Q, 1, R, R))
+#   -> query foreground (Q, 1, R, R) or (Q, 1, H0, W0), probabilities or {0, 1}; thresholded at 0.5.
 Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-# called as on_prediction(fold index, class name, query id, slice indices (n,), masks (n, H, W) bool)
+# called as on_prediction(fold index, class name, query id, slice indices (n,), masks (n, H, W) bool on
+# the scoring grid, before post-processing)
 PredictionHook = Callable[[int, str, str, np.ndarray, np.ndarray], None]
 
 
@@ -101,7 +122,7 @@ def _class_span(labels: np.ndarray, class_id: int) -> tuple[int, int] | None:
 
 
 def ep1_support_indices(labels: np.ndarray, class_id: int, n_chunks: int = 3) -> list[int]:
-    """Support slice of each chunk of the class span: z0 + floor(L (2i + 1) / (2n))."""
+    """Support slice of each chunk of the class span: z0 + floor(L (2i + 1) / (2n)). Pass native labels."""
     span = _class_span(labels, class_id)
     if span is None:
         raise DataError(f"class id {class_id} is absent from the support volume")
@@ -110,14 +131,20 @@ def ep1_support_indices(labels: np.ndarray, class_id: int, n_chunks: int = 3) ->
     return [z0 + (length * (2 * i + 1)) // (2 * n_chunks) for i in range(n_chunks)]
 
 
+def ep1_chunk_of(z: int, zmin: int, zmax: int, n_chunks: int = 3) -> int:
+    """SSL-ALPNet's query chunk of slice z: min((z - zmin) // ((zmax - zmin) / n), n - 1); 0 for one slice."""
+    if zmax == zmin:
+        return 0
+    return min(int((z - zmin) // ((zmax - zmin) / n_chunks)), n_chunks - 1)
+
+
 def ep1_query_chunks(labels: np.ndarray, class_id: int, n_chunks: int = 3) -> list[np.ndarray]:
-    """Slice indices of each chunk of the query's class span (chunk of z: floor((z - q0) n / Lq))."""
+    """Slice indices of each chunk of the query's class span (see `ep1_chunk_of`). Pass native labels."""
     span = _class_span(labels, class_id)
     if span is None:
         return []
-    q0, q1 = span
-    zs = np.arange(q0, q1 + 1)
-    chunk_of = (zs - q0) * n_chunks // len(zs)
+    zs = np.arange(span[0], span[1] + 1)
+    chunk_of = np.array([ep1_chunk_of(int(z), *span, n_chunks) for z in zs])
     return [zs[chunk_of == i] for i in range(n_chunks)]
 
 
@@ -128,40 +155,80 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if denom == 0 else float(2.0 * tp / denom)
 
 
+def largest_component(masks: np.ndarray) -> np.ndarray:
+    """(Z, H, W) bool -> the largest 26-connected 3D component (empty stays empty)."""
+    labels, n = ndimage.label(masks, structure=np.ones((3, 3, 3), dtype=bool))
+    if n <= 1:
+        return masks
+    sizes = ndimage.sum_labels(masks, labels, index=np.arange(1, n + 1))
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
 def _as_batch(slices: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]  # (n, 1, H, W)
+    return torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]  # (n, 1, R, R)
 
 
-def _predict(predictor: Predictor, sup_img: np.ndarray, sup_mask: np.ndarray, qry: np.ndarray) -> np.ndarray:
-    """Run the predictor on one task and return (Q, H, W) bool, checking what it returned."""
+def _on_grid(out: torch.Tensor, grid_shape: tuple[int, int], *, from_working: bool) -> torch.Tensor:
+    """(Q, 1, h, w) probabilities -> (Q, 1, *grid_shape): bilinear from the working grid, nearest-exact
+    from the native one (the rule the working labels were made with); untouched when already there."""
+    if tuple(out.shape[-2:]) == tuple(grid_shape):
+        return out
+    if from_working:
+        return F.interpolate(out, size=tuple(grid_shape), mode="bilinear", align_corners=False)
+    return F.interpolate(out, size=tuple(grid_shape), mode="nearest-exact")
+
+
+def _predict(predictor: Predictor, sup_img: np.ndarray, sup_mask: np.ndarray, qry: np.ndarray,
+             native_shape: tuple[int, int], grid_shape: tuple[int, int]) -> np.ndarray:
+    """Run the predictor on one task and return (Q, *grid_shape) bool, checking what it returned."""
     out = predictor(_as_batch(sup_img), _as_batch(sup_mask), _as_batch(qry))
     out = out.detach().float().cpu() if isinstance(out, torch.Tensor) else torch.as_tensor(out, dtype=torch.float32)
-    expected = (len(qry), 1, *qry.shape[1:])
-    if tuple(out.shape) != expected:
-        raise ValueError(f"predictor returned shape {tuple(out.shape)}, expected {expected} (Q, 1, H, W)")
-    return out[:, 0].numpy() > 0.5
+    working = (len(qry), 1, *qry.shape[1:])
+    native = (len(qry), 1, *native_shape)
+    if tuple(out.shape) not in (working, native):
+        raise ValueError(f"predictor returned shape {tuple(out.shape)}, expected {working} (Q, 1, R, R) at the "
+                         f"working size or {native} (Q, 1, H0, W0) at the label file's size")
+    on_grid = _on_grid(out, grid_shape, from_working=tuple(out.shape) == working)
+    return on_grid[:, 0].numpy() > 0.5  # (Q, H, W)
 
 
-def _tasks(protocol: str, support, query, class_id: int, n_chunks: int):
-    """(support slice indices, query slice indices) pairs of one query volume under the protocol."""
+def _tasks(protocol: str, support: Volume, query: Volume, class_id: int, n_chunks: int):
+    """(support slice indices, query slice indices) pairs of one query volume; ranges from native labels."""
     if protocol == "EP1":
-        sup_idx = ep1_support_indices(support.labels, class_id, n_chunks)
-        return [([s], chunk) for s, chunk in zip(sup_idx, ep1_query_chunks(query.labels, class_id, n_chunks))
-                if len(chunk)]
-    middle = ep1_support_indices(support.labels, class_id, 1)
+        sup_idx = ep1_support_indices(support.native_labels, class_id, n_chunks)
+        chunks = ep1_query_chunks(query.native_labels, class_id, n_chunks)
+        return [([s], chunk) for s, chunk in zip(sup_idx, chunks) if len(chunk)]
+    middle = ep1_support_indices(support.native_labels, class_id, 1)
     return [(middle, np.arange(len(query.images)))]
 
 
+def _score_query(run: Predictor, support: Volume, query: Volume, cid: int, protocol: str, n_chunks: int,
+                 grid: str) -> tuple[np.ndarray, np.ndarray]:
+    """The assembled prediction of one query volume and its truth, both (Z, H, W) bool on the scoring grid."""
+    truth = (query.native_labels if grid == "native" else query.labels) == cid
+    pred = np.zeros_like(truth)
+    native_shape = tuple(query.native_labels.shape[1:])
+    for sup_idx, q_idx in _tasks(protocol, support, query, cid, n_chunks):
+        sup_mask = (support.labels[sup_idx] == cid).astype(np.float32)
+        pred[q_idx] = _predict(run, support.images[sup_idx], sup_mask, query.images[q_idx], native_shape,
+                               truth.shape[1:])
+    return pred, truth
+
+
 def evaluate(predictor: Predictor | None, data: PreparedData, folds: list[Fold], *, classes: list[str] | tuple[str, ...],
-             protocol: str = "EP1", n_chunks: int = 3, on_prediction: PredictionHook | None = None,
+             protocol: str = "EP1", n_chunks: int = 3, dice_grid: str = "native",
+             on_prediction: PredictionHook | None = None,
              predictor_for_fold: Callable[[Fold, str], Predictor] | None = None) -> dict:
-    """Score a predictor under EP1 or EP2: Dice per class per query volume per fold, plus the means.
+    """Score a predictor under EP1 or EP2: Dice (`dice`, and `dice_post` after the per-volume largest
+    component) per class per query volume per fold, plus the means, on `dice_grid` (module docstring).
 
     `predictor_for_fold(fold, class_name)`, when given, supplies a predictor per fold and class (a model
     trained for that fold); otherwise `predictor` serves every task.
     """
     if protocol not in PROTOCOLS:
         raise DataError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if dice_grid not in GRIDS:
+        raise DataError(f"dice_grid must be one of {GRIDS}, got {dice_grid!r}")
     if predictor is None and predictor_for_fold is None:
         raise ValueError("evaluate needs a predictor or a predictor_for_fold")
     for name in classes:
@@ -171,42 +238,49 @@ def evaluate(predictor: Predictor | None, data: PreparedData, folds: list[Fold],
     for fold, name in tqdm(tasks, desc=f"evaluate {protocol}", unit="task", leave=False):
         cid = data.spec.class_id(name)
         support = data.volume(fold.support)
-        if not len(support.slices_with(cid)):
+        if not (support.native_labels == cid).any():
             raise DataError(f"{data.label_file(fold.support)}: class {name!r} is absent from the support volume "
                             f"of fold {fold.index}; choose another support or drop the class")
         run = predictor_for_fold(fold, name) if predictor_for_fold else predictor
         row = next((r for r in fold_rows if r["fold"] == fold.index), None)
         if row is None:
             row = {"fold": fold.index, "support": fold.support, "queries": list(fold.queries),
-                   "support_slices": {}, "dice": {}}
+                   "support_slices": {}, "dice": {}, "dice_post": {}}
             fold_rows.append(row)
-        row["support_slices"][name] = ep1_support_indices(support.labels, cid, n_chunks if protocol == "EP1" else 1)
-        row["dice"][name] = {}
+        row["support_slices"][name] = ep1_support_indices(support.native_labels, cid,
+                                                          n_chunks if protocol == "EP1" else 1)
+        row["dice"][name], row["dice_post"][name] = {}, {}
         for qid in fold.queries:
             query = data.volume(qid)
-            truth = query.labels == cid
-            if not truth.any():
+            if not (query.native_labels == cid).any():
                 skipped.append({"fold": fold.index, "class": name, "query": qid, "why": "class absent"})
                 continue
-            pred = np.zeros_like(truth)
-            for sup_idx, q_idx in _tasks(protocol, support, query, cid, n_chunks):
-                sup_mask = (support.labels[sup_idx] == cid).astype(np.float32)
-                pred[q_idx] = _predict(run, support.images[sup_idx], sup_mask, query.images[q_idx])
+            pred, truth = _score_query(run, support, query, cid, protocol, n_chunks, dice_grid)
             if on_prediction:
                 zs = np.flatnonzero(truth.any(axis=(1, 2)) | pred.any(axis=(1, 2)))
                 on_prediction(fold.index, name, qid, zs, pred[zs])
             row["dice"][name][qid] = dice(pred, truth)
-    return _summarise(fold_rows, skipped, data, classes, protocol)
+            row["dice_post"][name][qid] = dice(largest_component(pred), truth)
+    return _summarise(fold_rows, skipped, data, classes, protocol, dice_grid)
 
 
-def _summarise(fold_rows: list[dict], skipped: list[dict], data: PreparedData, classes, protocol: str) -> dict:
-    per_fold = {row["fold"]: {c: float(np.mean(list(d.values()))) for c, d in row["dice"].items() if d}
+def _means(fold_rows: list[dict], key: str, classes) -> tuple[dict, dict, float]:
+    """Per fold (mean over queries), per class (mean over folds) and overall (mean over classes)."""
+    per_fold = {row["fold"]: {c: float(np.mean(list(d.values()))) for c, d in row[key].items() if d}
                 for row in fold_rows}
     per_class = {c: float(np.mean([f[c] for f in per_fold.values() if c in f])) for c in classes
                  if any(c in f for f in per_fold.values())}
-    return {"protocol": protocol, "dataset": data.spec.name, "resolution": data.resolution,
-            "classes": list(classes), "folds": fold_rows, "per_fold": per_fold, "per_class": per_class,
-            "mean": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
+    return per_fold, per_class, float(np.mean(list(per_class.values()))) if per_class else float("nan")
+
+
+def _summarise(fold_rows: list[dict], skipped: list[dict], data: PreparedData, classes, protocol: str,
+               grid: str) -> dict:
+    per_fold, per_class, mean = _means(fold_rows, "dice", classes)
+    per_fold_post, per_class_post, mean_post = _means(fold_rows, "dice_post", classes)
+    return {"protocol": protocol, "dataset": data.spec.name, "resolution": data.resolution, "dice_grid": grid,
+            "postprocess": False, "classes": list(classes), "folds": fold_rows,
+            "per_fold": per_fold, "per_class": per_class, "mean": mean,
+            "per_fold_post": per_fold_post, "per_class_post": per_class_post, "mean_post": mean_post,
             "skipped": skipped}
 
 
@@ -216,21 +290,22 @@ def empty_predictor(support_images: torch.Tensor, support_masks: torch.Tensor, q
 
 
 def oracle_predictor(data: PreparedData) -> Predictor:
-    """Returns each query slice's own label: the ceiling (Dice 1) that proves the evaluator's bookkeeping.
+    """Returns each query slice's own label at native size: the ceiling (Dice 1 on either grid) that proves
+    the evaluator's bookkeeping, resampling included.
 
     It sees only what any predictor sees. It finds each slice in `data` by its bytes, and the class from
-    which label of the support slice equals the support mask.
+    which working label of the support slice equals the support mask; it answers (Q, 1, H0, W0).
     """
     index = {}
     for v in data.volumes:
         for z in range(len(v.images)):
-            index[v.images[z].tobytes()] = v.labels[z]
+            index[v.images[z].tobytes()] = (v.labels[z], v.native_labels[z])
 
     def predict(support_images: torch.Tensor, support_masks: torch.Tensor, query_images: torch.Tensor) -> torch.Tensor:
-        sup_labels = index[support_images[0, 0].numpy().tobytes()]
+        sup_labels = index[support_images[0, 0].numpy().tobytes()][0]
         sup_mask = support_masks[0, 0].numpy() > 0.5
         cid = next(c for c in np.unique(sup_labels[sup_mask]) if np.array_equal(sup_labels == c, sup_mask))
-        out = [index[q[0].numpy().tobytes()] == cid for q in query_images]
+        out = [index[q[0].numpy().tobytes()][1] == cid for q in query_images]
         return torch.from_numpy(np.stack(out).astype(np.float32))[:, None]
 
     return predict

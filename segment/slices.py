@@ -26,19 +26,32 @@ from tqdm import tqdm
 from segment.config import RESOLUTIONS
 from segment.volumes import DataError, DatasetSpec, find_volume_ids, load_raw_volume
 
-SLICES_VERSION = "2"  # bump when the preparation below changes what it writes
+SLICES_VERSION = "3"  # bump when the preparation below changes what it writes (3: float64 z-score, native labels)
 
 
 @dataclass(frozen=True)
 class Volume:
-    """One prepared volume: axial slices at the working resolution."""
+    """One prepared volume: axial slices at the working resolution, plus its labels as loaded.
+
+    `native_labels` keep the label file's in-plane size, so the protocol can score Dice on the grid the
+    literature uses and take class ranges from labels that no down-sampling has thinned. Left out, they
+    are `labels` (a volume whose working grid is its native grid, as in hand-made test volumes).
+    """
 
     id: str
     images: np.ndarray  # (Z, R, R) float32, normalised
     labels: np.ndarray  # (Z, R, R) uint8 class ids, 0 = background
+    native_labels: np.ndarray | None = None  # (Z, H0, W0) uint8 class ids at the label file's in-plane size
+
+    def __post_init__(self) -> None:
+        if self.native_labels is None:
+            object.__setattr__(self, "native_labels", self.labels)
+        if self.native_labels.shape[0] != self.labels.shape[0]:
+            raise DataError(f"volume {self.id!r}: {self.native_labels.shape[0]} native label slices but "
+                            f"{self.labels.shape[0]} working slices")
 
     def slices_with(self, class_id: int) -> np.ndarray:
-        """Indices of the slices that contain class `class_id`."""
+        """Indices of the slices whose working-resolution labels contain class `class_id`."""
         return np.flatnonzero((self.labels == class_id).any(axis=(1, 2)))
 
 
@@ -195,7 +208,7 @@ def prepare(spec: DatasetSpec, data_dir: str | Path, *, resolution: int, cache_d
                         f"fix the spec's [labels] or the data")
     files = [str(data_dir / spec.image_pattern.format(id=vid)) for vid in ids]
     images = _normalise(spec, [im for im, _ in raw], files)
-    volumes = tuple(Volume(vid, _resize(im, resolution, labels=False), _resize(lb, resolution, labels=True))
+    volumes = tuple(Volume(vid, _resize(im, resolution, labels=False), _resize(lb, resolution, labels=True), lb)
                     for vid, im, (_, lb) in zip(ids, images, raw))
     write_atomically(folder, _save_volumes(volumes), {"key": key, "spec": spec.to_dict(), "resolution": resolution,
                                         "source": str(data_dir), "volumes": ids, "version": SLICES_VERSION})
@@ -204,7 +217,7 @@ def prepare(spec: DatasetSpec, data_dir: str | Path, *, resolution: int, cache_d
 
 def _load_volume(folder: Path, vid: str) -> Volume:
     with np.load(folder / f"volume_{vid}.npz") as z:
-        return Volume(vid, z["images"], z["labels"])
+        return Volume(vid, z["images"], z["labels"], z["native_labels"])
 
 
 def write_atomically(folder: Path, fill: Callable[[Path], None], meta: dict) -> None:
@@ -226,5 +239,5 @@ def write_atomically(folder: Path, fill: Callable[[Path], None], meta: dict) -> 
 def _save_volumes(volumes: tuple[Volume, ...]) -> Callable[[Path], None]:
     def fill(tmp: Path) -> None:
         for v in volumes:
-            np.savez(tmp / f"volume_{v.id}.npz", images=v.images, labels=v.labels)
+            np.savez(tmp / f"volume_{v.id}.npz", images=v.images, labels=v.labels, native_labels=v.native_labels)
     return fill

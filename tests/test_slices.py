@@ -69,3 +69,35 @@ def test_window_zscore_is_global(tmp_path):
     pooled = np.concatenate([a.ravel(), b.ravel()])
     assert abs(pooled.mean()) < 0.05 and abs(pooled.std() - 1.0) < 0.1
     assert data.volume("1").labels.max() == 4  # raw 6 (liver) is class id 4
+
+
+def test_native_labels_are_kept_beside_the_working_slices_and_cached(phantom_dir, tmp_path):
+    spec = load_spec(phantom_dir / "dataset.toml")
+    first = prepare(spec, phantom_dir, resolution=32, cache_dir=tmp_path)
+    _, raw_labels = phantom_volume(0, 1, size=48, depth=16)
+    v = first.volume("1")
+    assert v.native_labels.shape == (16, 48, 48) and v.native_labels.dtype == np.uint8
+    assert np.array_equal(v.native_labels, raw_labels)  # the labels as loaded, not resized
+    with np.load(first.path / "volume_1.npz") as saved:
+        assert np.array_equal(saved["native_labels"], raw_labels)
+    again = prepare(spec, phantom_dir, resolution=32, cache_dir=tmp_path)  # read back from the cache
+    assert all(np.array_equal(a.native_labels, b.native_labels) for a, b in zip(first.volumes, again.volumes))
+
+
+def test_slice_cache_version_is_in_the_key(phantom_dir, monkeypatch):
+    # A folder written before native labels were kept (version 1) must never be read as a new one.
+    from segment import slices
+    spec = load_spec(phantom_dir / "dataset.toml")
+    ids = ["1", "2"]
+    now = slices.cache_key(spec, phantom_dir, ids, 32)
+    monkeypatch.setattr(slices, "SLICES_VERSION", "1")
+    assert slices.cache_key(spec, phantom_dir, ids, 32) != now
+
+
+def test_native_labels_must_have_one_slice_per_working_slice():
+    import pytest
+
+    from segment.slices import Volume
+    from segment.volumes import DataError
+    with pytest.raises(DataError, match=r"volume '7': 3 native label slices but 2 working slices"):
+        Volume("7", np.zeros((2, 4, 4), np.float32), np.zeros((2, 4, 4), np.uint8), np.zeros((3, 8, 8), np.uint8))

@@ -16,8 +16,10 @@ The cache and the run folder must then be on storage that every node sees under 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -28,7 +30,7 @@ from typing import NamedTuple
 import submitit
 from tqdm import tqdm
 
-from pipelines.config import ExperimentConfig, RunConfig
+from pipelines.config import ConfigError, ExperimentConfig, RunConfig
 from segment.protocol import Fold
 from segment.slices import PreparedData
 
@@ -62,6 +64,9 @@ class UnitFailure:
     job_ids: tuple[str, ...]
     log_tail: str  # the last lines of the last attempt's job log (stderr)
 
+    def as_json(self) -> dict:
+        return {**dataclasses.asdict(self), "job_ids": list(self.job_ids)}
+
 
 Outcome = tuple[list[UnitResult | None], list[UnitFailure]]  # results in the order of the units; None: failed
 Executor = Callable[[Callable[..., UnitResult], list[UnitArgs], RunConfig, PreparedData], Outcome]
@@ -88,6 +93,13 @@ class UnitJob(submitit.helpers.Checkpointable):
     def __call__(self) -> None:
         _, records, _ = self.unit(*self.args)
         self.records.write_text(json.dumps(records))
+
+
+def check_backend(run: RunConfig) -> None:
+    """Fail before anything is written when [run] asks for Slurm on a machine that cannot submit to it."""
+    if run.executor == "slurm" and run.slurm.cluster == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise ConfigError('[run] executor = "slurm" with [run.slurm] cluster = "slurm", but sbatch/srun are not on '
+                          'PATH; run from a Slurm login node, or set [run.slurm] cluster = "local" to try it here')
 
 
 def submitit_executor(run: RunConfig, folder: Path, name: str) -> submitit.Executor:

@@ -10,7 +10,6 @@ stage's code version, so a config change re-runs exactly the stages downstream o
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -22,7 +21,7 @@ import torch
 from pipelines import stages
 from pipelines.cache import StageCache, stage_key
 from pipelines.config import ConfigError, ExperimentConfig, as_dict
-from pipelines.executors import EXECUTORS, UnitArgs
+from pipelines.executors import EXECUTORS, UnitArgs, check_backend
 from segment.phantom import write_phantom
 from segment.protocol import Fold, make_folds
 from segment.slices import PreparedData, prepare
@@ -131,6 +130,7 @@ def run_experiment(cfg: ExperimentConfig, *, force: tuple[str, ...] = ()) -> dic
     bad = [s for s in force if s not in STAGES]
     if bad:
         raise ConfigError(f"--force {bad[0]!r}: not a stage; stages are {list(STAGES)}")
+    check_backend(cfg.run)
     out = Path(cfg.run.out)
     data = load_data(cfg)  # validates the data before anything is written under the run folder
     folds, classes = select(cfg, data)
@@ -160,7 +160,7 @@ def run_experiment(cfg: ExperimentConfig, *, force: tuple[str, ...] = ()) -> dic
         rows += unit_rows
         runner.records += records
         extras.append(unit_extras)
-    failed_units = [dataclasses.asdict(f) for f in failed]
+    failed_units = [f.as_json() for f in failed]
     for f in failed:
         log.error("unit fold %d seed %d FAILED after %d attempt(s) (jobs %s); its rows are missing. Log tail:\n%s",
                   f.fold, f.seed, f.attempts, ", ".join(f.job_ids), f.log_tail)

@@ -97,7 +97,8 @@ class UnitJob(submitit.helpers.Checkpointable):
 
 def check_backend(run: RunConfig) -> None:
     """Fail before anything is written when [run] asks for Slurm on a machine that cannot submit to it."""
-    if run.executor == "slurm" and run.slurm.cluster == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+    slurm_here = shutil.which("sbatch") and shutil.which("srun")
+    if run.executor == "slurm" and run.slurm.cluster == "slurm" and not slurm_here:
         raise ConfigError('[run] executor = "slurm" with [run.slurm] cluster = "slurm", but sbatch/srun are not on '
                           'PATH; run from a Slurm login node, or set [run.slurm] cluster = "local" to try it here')
 

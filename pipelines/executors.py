@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import multiprocessing as mp
 import shutil
 import time
@@ -133,6 +134,7 @@ def run_slurm(unit: Callable[..., UnitResult], units: list[UnitArgs], run: RunCo
         for i, job in zip(todo, submitted):
             jobs[i].append(job)
 
+    log = logging.getLogger("supportforge")
     results: list[UnitResult | None] = [None] * len(units)
     failures: list[UnitFailure] = []
     pending = list(range(len(units)))
@@ -145,6 +147,8 @@ def run_slurm(unit: Callable[..., UnitResult], units: list[UnitArgs], run: RunCo
                 pending.remove(i)
                 results[i] = _collect(unit, units[i], records[i], data)
                 if results[i] is None and len(jobs[i]) <= run.retries:
+                    log.warning("unit %s: job %s ended before the unit was done; resubmitting (retry %d of %d)",
+                                units[i].name, jobs[i][-1].job_id, len(jobs[i]), run.retries)
                     retry.append(i)
                     continue
                 if results[i] is None:

@@ -75,6 +75,7 @@ def test_slurm_path_retries_a_killed_job_and_gives_the_local_rows_bit_for_bit(lo
     monkeypatch.setattr(executors, "UnitJob", functools.partial(FlakyJob, marker=marker, always=False))
     result = run_experiment(load(_config(tmp_path, phantom_dir, "slurm", "slurm")))
     assert marker.is_file()  # fold 1's first job was killed ...
+    assert "unit fold1-seed0: job" in (tmp_path / "slurm" / "run.log").read_text()
     assert result["failed_units"] == []  # ... and its resubmission finished the run
     rows = _rows(tmp_path / "slurm")
     assert {r["fold"] for r in rows} == {0, 1}

@@ -91,10 +91,10 @@ def test_a_holder_on_another_machine_is_taken_over_only_after_its_lease(tmp_path
 
 def test_a_live_holder_keeps_its_lock_by_heartbeat(tmp_path):
     path = tmp_path / "entry.lock"
-    holder = LeaseLock(path, lease_s=0.3)
+    holder = LeaseLock(path, lease_s=1.0)
     holder.acquire()
-    with pytest.raises(TimeoutError):  # four leases without a takeover: the beats change owner.json
-        LeaseLock(path, lease_s=0.3, timeout_s=1.2).acquire()
+    with pytest.raises(TimeoutError):  # two leases without a takeover: the beats change owner.json
+        LeaseLock(path, lease_s=1.0, timeout_s=2.0).acquire()
     assert LeaseLock(path).holder() == holder.owner and holder.owner.beat >= 2
     holder.release()
     assert not path.exists()

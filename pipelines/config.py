@@ -153,6 +153,30 @@ class Arm:
         return dataclasses.replace(base, **overrides)
 
 
+EXECUTORS = ("local", "slurm")
+SLURM_CLUSTERS = ("slurm", "local", "debug")  # submitit's backends: a real cluster, local processes, in-process
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """[run.slurm]: what each unit's job asks of the cluster (executor = "slurm")."""
+
+    partition: str | None = None  # None: the cluster's default partition
+    time_min: int = 240  # wall time per unit job
+    cpus_per_task: int = 1
+    gpus_per_node: int = 0
+    mem_gb: float = 8.0
+    cluster: str = "slurm"  # "local" or "debug" run the same code path on this machine (tests, dry runs)
+
+    def __post_init__(self) -> None:
+        if self.cluster not in SLURM_CLUSTERS:
+            raise ConfigError(f"[run.slurm] cluster = {self.cluster!r}; valid values are {list(SLURM_CLUSTERS)}")
+        for key in ("time_min", "cpus_per_task", "gpus_per_node", "mem_gb"):
+            low = 0 if key == "gpus_per_node" else 1
+            if getattr(self, key) < low:
+                raise ConfigError(f"[run.slurm] {key} = {getattr(self, key)!r}; it must be >= {low}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     out: str = "runs/experiment"
@@ -161,8 +185,15 @@ class RunConfig:
     threads: int = 0  # torch threads per process (0: torch's default); 1 with jobs = cores is fastest on a CPU
     cpu: bool = True  # accelerate's cpu flag; false lets it take a GPU
     overlays: int = 1  # query slices drawn per arm, model and class in the report
+    executor: str = "local"  # "local": units in this machine's processes (`jobs`); "slurm": one submitit job per unit
+    retries: int = 1  # executor = "slurm": resubmissions of a unit whose job failed, before it is reported
+    slurm: SlurmConfig = SlurmConfig()
 
     def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"[run] executor = {self.executor!r}; valid values are {list(EXECUTORS)}")
+        if self.retries < 0:
+            raise ConfigError(f"[run] retries = {self.retries}; it must be >= 0")
         for key, low in (("jobs", 1), ("threads", 0), ("overlays", 0)):
             if getattr(self, key) < low:
                 raise ConfigError(f"[run] {key} = {getattr(self, key)}; it must be >= {low}")
@@ -259,7 +290,15 @@ def parse(raw: dict, *, source: str = "config") -> ExperimentConfig:
         protocol=build(ProtocolConfig, raw.get("protocol", {}), "protocol"), models=models,
         segment=dict(raw.get("segment", {})), generators={k: dict(v) for k, v in generators.items()},
         synthesis=build(SynthesisConfig, raw.get("synthesis", {}), "synthesis"), arms=arms,
-        run=build(RunConfig, raw.get("run", {}), "run"))
+        run=_run_config(raw.get("run", {})))
+
+
+def _run_config(raw: dict) -> RunConfig:
+    """[run] with its nested [run.slurm] table."""
+    if not isinstance(raw, dict) or "slurm" not in raw:
+        return build(RunConfig, raw, "run")
+    slurm = build(SlurmConfig, raw["slurm"], "run.slurm")
+    return dataclasses.replace(build(RunConfig, {k: v for k, v in raw.items() if k != "slurm"}, "run"), slurm=slurm)
 
 
 def _check_shapes(raw: dict, source: str) -> None:

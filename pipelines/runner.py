@@ -13,18 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from pipelines import stages
 from pipelines.cache import StageCache, stage_key
 from pipelines.config import ConfigError, ExperimentConfig, as_dict
+from pipelines.executors import EXECUTORS, UnitArgs, check_backend
 from segment.phantom import PHANTOM_VERSION, write_phantom
 from segment.protocol import Fold, make_folds
 from segment.slices import PreparedData, prepare, write_atomically
@@ -38,6 +36,10 @@ STAGES = ("prepare", *STAGE_VERSIONS)
 
 class NotCached(Exception):
     """A stage entry is missing while the runner was asked to use cached entries only."""
+
+
+class UnitsFailed(RuntimeError):
+    """No unit of the experiment finished, so there is nothing to report."""
 
 
 def log_record(log: logging.Logger, r: dict) -> None:
@@ -140,6 +142,7 @@ def run_experiment(cfg: ExperimentConfig, *, force: tuple[str, ...] = ()) -> dic
     bad = [s for s in force if s not in STAGES]
     if bad:
         raise ConfigError(f"--force {bad[0]!r}: not a stage; stages are {list(STAGES)}")
+    check_backend(cfg.run)
     out = Path(cfg.run.out)
     data = load_data(cfg)  # validates the data before anything is written under the run folder
     folds, classes = select(cfg, data)
@@ -152,7 +155,7 @@ def run_experiment(cfg: ExperimentConfig, *, force: tuple[str, ...] = ()) -> dic
 
     units = [(fold, seed) for fold in folds for seed in cfg.protocol.seeds]
     rows, extras = [], []
-    args = [(cfg, fold, seed, classes, sp_key, frozenset(force), str(out)) for fold, seed in units]
+    args = [UnitArgs(cfg, fold, seed, classes, sp_key, frozenset(force), str(out)) for fold, seed in units]
     results = [None] * len(args)
     for i, a in enumerate(args if not force else []):  # units with nothing to do need no worker process
         try:
@@ -162,27 +165,30 @@ def run_experiment(cfg: ExperimentConfig, *, force: tuple[str, ...] = ()) -> dic
         except NotCached:
             pass
     todo = [i for i, r in enumerate(results) if r is None]
-    if cfg.run.jobs > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(cfg.run.jobs, mp_context=mp.get_context("spawn")) as pool:
-            done = list(tqdm(pool.map(_unit, *zip(*[args[i] for i in todo])), total=len(todo), desc="units",
-                             unit="unit"))
-    else:
-        done = [_unit(*args[i], data=data) for i in tqdm(todo, desc="units", unit="unit")]
+    done, failed = EXECUTORS[cfg.run.executor](_unit, [args[i] for i in todo], cfg.run, data)
     for i, result in zip(todo, done):
         results[i] = result
-    for unit_rows, records, unit_extras in results:
+    for unit_rows, records, unit_extras in (r for r in results if r is not None):  # a failed unit has no rows
         rows += unit_rows
         runner.records += records
         extras.append(unit_extras)
-    report_dir = stages.report_stage(cfg, data, rows, extras, runner)
+    failed_units = [f.as_json() for f in failed]
+    for f in failed:
+        log.error("unit fold %d seed %d FAILED after %d attempt(s) (jobs %s); its rows are missing. Log tail:\n%s",
+                  f.fold, f.seed, f.attempts, ", ".join(f.job_ids), f.log_tail)
+    if not extras:  # nothing to report; the run folder still lists what failed
+        (out / "stages.json").write_text(json.dumps({"records": runner.records, "failed_units": failed_units,
+                                                     "config": as_dict(cfg)}, indent=2))
+        raise UnitsFailed(f"every unit failed: {[(f.fold, f.seed) for f in failed]}; see {out / 'run.log'}")
+    report_dir = stages.report_stage(cfg, data, rows, extras, runner, failed_units=failed_units)
     stages.publish(report_dir, out)
     summary = _stage_summary(runner.records)
     for stage, counts in summary.items():
         log.info("stage %-18s ran %d, cached %d", stage, counts["ran"], counts["cached"])
     (out / "stages.json").write_text(json.dumps({"records": runner.records, "summary": summary,
-                                                 "config": as_dict(cfg)}, indent=2))
+                                                 "failed_units": failed_units, "config": as_dict(cfg)}, indent=2))
     log.info("report: %s", out / "report.md")
-    return {"out": out, "records": runner.records, "summary": summary}
+    return {"out": out, "records": runner.records, "summary": summary, "failed_units": failed_units}
 
 
 def _stage_summary(records: list[dict]) -> dict:

@@ -392,8 +392,10 @@ def dice_scoring(cfg: ExperimentConfig, rows: list[dict], evals: list[dict]):
     return DiceScoring(grid=grids.pop() if grids else "working", postprocess=postprocess)
 
 
-def report_stage(cfg: ExperimentConfig, data: PreparedData, rows: list[dict], extras: list[dict], runner) -> Path:
-    """Statistics, figures and report.md of the whole experiment, cached on the keys of what it reads."""
+def report_stage(cfg: ExperimentConfig, data: PreparedData, rows: list[dict], extras: list[dict], runner,
+                 failed_units: list[dict] = ()) -> Path:
+    """Statistics, figures and report.md of the whole experiment, cached on the keys of what it reads.
+    `failed_units` (fold, seed, log tail) have no rows: results.json lists them; nothing is averaged over them."""
     evals = [e for x in extras for e in x["evals"]]
     synth = {k: v for x in extras if x["fold"] == extras[0]["fold"] and x["seed"] == extras[0]["seed"]
              for k, v in x["synth"].items()}
@@ -419,7 +421,8 @@ def report_stage(cfg: ExperimentConfig, data: PreparedData, rows: list[dict], ex
             figures[f"Synthetic pairs, {c}"] = name
         context = {"experiment": cfg.name, "dataset": data.spec.to_dict(), "data": str(data.source),
                    "data_key": data.key, "resolution": data.resolution, "config": as_dict(cfg),
-                   "versions": _versions(), "units": [(x["fold"], x["seed"]) for x in extras]}
+                   "versions": _versions(), "units": [(x["fold"], x["seed"]) for x in extras],
+                   "failed_units": list(failed_units)}
         quality = [json.loads((Path(q) / "quality.json").read_text()) for x in extras for q in x["quality"]]
         threshold = max([a.synthesis(cfg.synthesis).filter_dice for a in cfg.arms] + [0.0]) or 0.5
         report.build_report(folder, title=f"SupportForge ablation: {cfg.name}", rows=rows,
@@ -428,7 +431,8 @@ def report_stage(cfg: ExperimentConfig, data: PreparedData, rows: list[dict], ex
 
     inputs = {f"eval/{i}": e["key"] for i, e in enumerate(evals)}
     inputs |= {f"quality/{i}": Path(q).name for i, q in enumerate(q for x in extras for q in x["quality"])}
-    path, _ = runner("report", cfg.name, {"config": as_dict(cfg)}, inputs, produce)
+    failed = {"failed_units": [(f["fold"], f["seed"]) for f in failed_units]} if failed_units else {}
+    path, _ = runner("report", cfg.name, {"config": as_dict(cfg), **failed}, inputs, produce)
     return path
 
 

@@ -80,20 +80,38 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
+    """`ls`: every folder with its cheap check (sizes, times); `verify`: every file's SHA-256, exit 1 when
+    any folder is bad; `gc`: remove leftovers, quarantine and stale locks (with --keep, unused folders)."""
     cache = StageCache(args.cache)
     if args.action == "ls":
         rows = cache.ls()
         for r in rows:
-            print(f"{r['stage']:<20} {r['key']}  {r['bytes'] / 1e6:8.2f} MB  {r['created']}")
+            state = f"BAD: {r['problem']}" if r["problem"] else "ok"
+            print(f"{r['stage']:<20} {r['key']}  {r['bytes'] / 1e6:8.2f} MB  {r['created']}  {state}")
         print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB in {cache.root}")
         return
-    keep = None
+    if args.action == "verify":
+        results = cache.verify()
+        bad = [(s, p) for s, p in results if p]
+        for s, p in bad:
+            print(f"BAD {s.path.relative_to(cache.root)}: {p}")
+        print(f"{len(results)} entries checked, {len(bad)} bad in {cache.root}"
+              + ("; a run that uses a bad one moves it to quarantine/ and rebuilds it" if bad else ""))
+        if bad:
+            raise SystemExit(1)
+        return
+    keep, folders = None, None
     if args.keep:
-        keep = set()
+        keep, folders = set(), set()
         for run_dir in args.keep:
-            records = json.loads((Path(run_dir) / "stages.json").read_text())["records"]
-            keep |= {(r["stage"], r["key"]) for r in records}
-    removed = cache.gc(keep)
+            used = json.loads((Path(run_dir) / "stages.json").read_text())
+            keep |= {(r["stage"], r["key"]) for r in used["records"]}
+            folders = None if folders is None or "folders" not in used else folders | set(used["folders"])
+        if folders is None:
+            print("a kept run does not list its slice and superpixel folders (run it again): keeping them all")
+    removed = cache.gc(keep, folders)
+    for path in removed:
+        print(f"removed {path.relative_to(cache.root)}")
     print(f"removed {len(removed)} entries or leftovers from {cache.root}")
 
 
@@ -129,11 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (overrides [run] out)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("cache", help="list the stage cache, or remove leftovers and unused entries")
-    p.add_argument("action", choices=("ls", "gc"))
+    p = sub.add_parser("cache", help="list or verify the cache, or remove leftovers and unused entries",
+                       description="ls: every entry with a cheap check (sizes and times against its record); "
+                                   "verify: every file's SHA-256, exit 1 when an entry is bad; gc: remove "
+                                   "leftovers of killed runs, quarantined entries and unused lock files")
+    p.add_argument("action", choices=("ls", "verify", "gc"))
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--keep", nargs="*", default=None, metavar="RUN_DIR",
-                   help="with gc: keep only the entries these run folders used")
+                   help="with gc: keep only the entries, slices and superpixels these run folders used")
     p.set_defaults(func=cmd_cache)
     return parser
 

@@ -10,9 +10,14 @@ stage's code version, so a config change re-runs exactly the stages downstream o
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -27,12 +32,14 @@ from pipelines.config import ConfigError, ExperimentConfig, as_dict
 from segment.phantom import write_phantom
 from segment.protocol import Fold, make_folds
 from segment.slices import PreparedData, prepare
+from segment.superpixels import superpixel_folder
 from segment.volumes import resolve_spec
 
 # Bump a stage's version when its code changes what it writes: every entry of it, and downstream, re-runs.
 STAGE_VERSIONS = {"superpixels": "1", "generator-pretrain": "1", "generator": "1", "synthesis": "1",
                   "segmenter": "1", "quality": "2", "finetune": "1", "evaluate": "1", "report": "3"}
 STAGES = ("prepare", *STAGE_VERSIONS)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent dies
 
 
 class NotCached(Exception):
@@ -66,7 +73,7 @@ class StageRunner:
         start = time.perf_counter()
         entry = self.cache.run(stage, key, produce, meta={"label": label, "config": config, "inputs": inputs})
         record = {"stage": stage, "label": label, "key": key, "ran": entry.ran,
-                  "seconds": round(time.perf_counter() - start, 2)}
+                  "seconds": round(time.perf_counter() - start, 2), "pid": os.getpid()}
         if not self.cached_only:
             log_record(self.log, record)
         self.records.append(record)
@@ -129,14 +136,21 @@ def run_experiment(cfg: ExperimentConfig, *, force: tuple[str, ...] = ()) -> dic
     if bad:
         raise ConfigError(f"--force {bad[0]!r}: not a stage; stages are {list(STAGES)}")
     out = Path(cfg.run.out)
+    start = time.perf_counter()
     data = load_data(cfg)  # validates the data before anything is written under the run folder
+    if "prepare" in force:
+        data = prepare(data.spec, data.source, resolution=data.resolution, cache_dir=cfg.run.cache, force=True)
     folds, classes = select(cfg, data)
     log = setup_logging(out)
     log.info("experiment %s: %d fold(s), seeds %s, classes %s, arms %s", cfg.name, len(folds),
              list(cfg.protocol.seeds), list(classes), [a.name for a in cfg.arms])
     runner = StageRunner(StageCache(cfg.run.cache), frozenset(force), log)
-    runner.records.append({"stage": "prepare", "label": data.spec.name, "key": data.key, "ran": None, "seconds": 0})
+    runner.records.append({"stage": "prepare", "label": data.spec.name, "key": data.key, "ran": data.built,
+                           "seconds": round(time.perf_counter() - start, 2), "pid": os.getpid()})
+    log_record(log, runner.records[-1])
     _, sp_key = stages.superpixel_stage(cfg, data, runner)
+    folders = [_cache_path(data.path, cfg), _cache_path(superpixel_folder(data, stages.superpixel_params(cfg),
+                                                                          cfg.run.cache), cfg)]
 
     units = [(fold, seed) for fold in folds for seed in cfg.protocol.seeds]
     rows, extras = [], []
@@ -151,7 +165,8 @@ def run_experiment(cfg: ExperimentConfig, *, force: tuple[str, ...] = ()) -> dic
             pass
     todo = [i for i, r in enumerate(results) if r is None]
     if cfg.run.jobs > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(cfg.run.jobs, mp_context=mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(cfg.run.jobs, mp_context=mp.get_context("spawn"), initializer=exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             done = list(tqdm(pool.map(_unit, *zip(*[args[i] for i in todo])), total=len(todo), desc="units",
                              unit="unit"))
     else:
@@ -167,10 +182,36 @@ def run_experiment(cfg: ExperimentConfig, *, force: tuple[str, ...] = ()) -> dic
     summary = _stage_summary(runner.records)
     for stage, counts in summary.items():
         log.info("stage %-18s ran %d, cached %d", stage, counts["ran"], counts["cached"])
-    (out / "stages.json").write_text(json.dumps({"records": runner.records, "summary": summary,
+    (out / "stages.json").write_text(json.dumps({"records": runner.records, "summary": summary, "folders": folders,
                                                  "config": as_dict(cfg)}, indent=2))
     log.info("report: %s", out / "report.md")
     return {"out": out, "records": runner.records, "summary": summary}
+
+
+def _cache_path(folder: Path, cfg: ExperimentConfig) -> str:
+    """A slice or superpixel folder as `slices/NAME`: what `cache gc --keep` keeps for this run."""
+    return Path(folder).relative_to(Path(cfg.run.cache)).as_posix()
+
+
+def exit_with_parent(parent: int) -> None:
+    """Pool worker initializer: end this worker as soon as `parent`, the run that started it, is gone,
+    even by kill -9 (the pool cannot tell its workers then, and they would run on for minutes).
+
+    Linux kills the worker itself when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere, and as a
+    fallback, a daemon thread polls the parent pid twice a second.
+    """
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _stage_summary(records: list[dict]) -> dict:

@@ -47,13 +47,19 @@ class Entry:
 
 @dataclass(frozen=True)
 class Stored:
-    """One folder of the cache: a stage entry (`stage`, `key`) or a slice or superpixel folder
-    (`stage` is "slices" or "superpixels", `key` the folder name)."""
+    """One folder of the cache: a stage entry (`stage`, `key`), or a slice or superpixel folder
+    (`stage` is "slices" or "superpixels", `key` the folder name, `entry` False)."""
 
     stage: str
     key: str
     path: Path
     marker: str
+    entry: bool
+
+    @property
+    def name(self) -> str:
+        """Its path under the cache root: `stages/STAGE/KEY`, `slices/NAME` or `superpixels/NAME`."""
+        return f"stages/{self.stage}/{self.key}" if self.entry else f"{self.stage}/{self.key}"
 
 
 class StageCache:
@@ -90,16 +96,16 @@ class StageCache:
 
     def stored(self) -> list[Stored]:
         """Every stage entry, slice folder and superpixel folder at its final path, whole or not."""
-        out = [Stored(p.parent.name, p.name, p, MARKER) for p in sorted((self.root / "stages").glob("*/*"))
+        out = [Stored(p.parent.name, p.name, p, MARKER, True) for p in sorted((self.root / "stages").glob("*/*"))
                if p.is_dir() and not p.name.startswith(".")]
         for kind, marker in FOLDERS.items():
-            out += [Stored(kind, p.name, p, marker) for p in sorted((self.root / kind).glob("*"))
+            out += [Stored(kind, p.name, p, marker, False) for p in sorted((self.root / kind).glob("*"))
                     if p.is_dir() and not p.name.startswith(".")]
         return out
 
     def ls(self) -> list[dict]:
-        """Every stored folder: stage, key, size in bytes, creation time and `problem` (None when whole,
-        by the cheap check of sizes and times)."""
+        """Every stored folder: its name (path under the root), stage, key, whether a stage entry, size in
+        bytes, creation time and `problem` (None when whole, by the cheap check of sizes and times)."""
         rows = []
         for s in self.stored():
             bad = problem(s.path, s.marker, hashes=False)
@@ -107,7 +113,7 @@ class StageCache:
             size = sum(p.stat().st_size for p in s.path.rglob("*") if p.is_file())
             created = record.get("created") or (time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(
                 (s.path / s.marker).stat().st_mtime)) if not bad else "")
-            rows.append({"stage": s.stage, "key": s.key, "bytes": size, "created": created,
+            rows.append({"name": s.name, "stage": s.stage, "key": s.key, "entry": s.entry, "bytes": size, "created": created,
                          "seconds": record.get("seconds"), "problem": bad})
         return rows
 
@@ -122,10 +128,9 @@ class StageCache:
         Returns what went."""
         removed = self._leftovers() + self._quarantined()
         if keep is not None:
-            removed += self._drop([s for s in self.stored() if s.marker == MARKER and (s.stage, s.key) not in keep])
+            removed += self._drop([s for s in self.stored() if s.entry and (s.stage, s.key) not in keep])
         if keep_folders is not None:
-            removed += self._drop([s for s in self.stored() if s.stage in FOLDERS
-                                   and f"{s.stage}/{s.key}" not in keep_folders])
+            removed += self._drop([s for s in self.stored() if not s.entry and s.name not in keep_folders])
         return removed + self._unused_locks()
 
     def _leftovers(self) -> list[Path]:

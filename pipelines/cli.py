@@ -87,14 +87,15 @@ def cmd_cache(args: argparse.Namespace) -> None:
         rows = cache.ls()
         for r in rows:
             state = f"BAD: {r['problem']}" if r["problem"] else "ok"
-            print(f"{r['stage']:<20} {r['key']}  {r['bytes'] / 1e6:8.2f} MB  {r['created']}  {state}")
+            where = f"{r['stage']:<20} {r['key']}" if r["entry"] else f"{r['stage'] + '/':<20} {r['key']}"
+            print(f"{where}  {r['bytes'] / 1e6:8.2f} MB  {r['created']}  {state}")
         print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB in {cache.root}")
         return
     if args.action == "verify":
         results = cache.verify()
         bad = [(s, p) for s, p in results if p]
         for s, p in bad:
-            print(f"BAD {s.path.relative_to(cache.root)}: {p}")
+            print(f"BAD {s.name}: {p}")
         print(f"{len(results)} entries checked, {len(bad)} bad in {cache.root}"
               + ("; a run that uses a bad one moves it to quarantine/ and rebuilds it" if bad else ""))
         if bad:

@@ -46,6 +46,12 @@ class NotCached(Exception):
     """A stage entry is missing while the runner was asked to use cached entries only."""
 
 
+def _not_cached(stage: str):
+    def produce(folder: Path) -> None:
+        raise NotCached(stage)
+    return produce
+
+
 def log_record(log: logging.Logger, r: dict) -> None:
     log.info("%-18s %-44s %s %s", r["stage"], r["label"], "ran" if r["ran"] else "cached", f"({r['seconds']} s, {r['key']})")
 
@@ -54,8 +60,9 @@ def log_record(log: logging.Logger, r: dict) -> None:
 class StageRunner:
     """Runs one stage entry through the cache, logs whether it ran or was cached, and keeps a record.
 
-    With `cached_only`, a missing entry raises `NotCached` instead of running, and nothing is logged:
-    the runner uses it to find, in-process and cheaply, the units that need no work at all.
+    With `cached_only`, a missing (or bad) entry raises `NotCached` instead of running, and nothing is
+    logged: the runner uses it to find, in-process and cheaply, the units that need no work at all.
+    Each record carries the pid of the process that ran it (a pool worker's with `jobs` > 1).
     """
 
     cache: StageCache
@@ -71,6 +78,8 @@ class StageRunner:
         if stage in self.force and self.cache.done(stage, key):
             self.cache.remove(stage, key)
         start = time.perf_counter()
+        if self.cached_only:  # an entry that the hash check finds bad is moved aside, then built by a unit
+            produce = _not_cached(stage)
         entry = self.cache.run(stage, key, produce, meta={"label": label, "config": config, "inputs": inputs})
         record = {"stage": stage, "label": label, "key": key, "ran": entry.ran,
                   "seconds": round(time.perf_counter() - start, 2), "pid": os.getpid()}

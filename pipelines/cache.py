@@ -30,6 +30,10 @@ MARKER = "stage.json"
 FOLDERS = {"slices": "meta.json", "superpixels": "meta.json"}  # folders beside the stages: marker of each
 
 
+def _stamp(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(seconds))
+
+
 def stage_key(stage: str, version: str, config: dict, inputs: dict[str, str]) -> str:
     """Content hash of what decides a stage's output."""
     blob = json.dumps({"stage": stage, "version": version, "config": config, "inputs": inputs}, sort_keys=True,
@@ -83,7 +87,7 @@ class StageCache:
 
         def record() -> dict:
             return {"stage": stage, "key": key, "seconds": round(time.time() - start, 2),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {})}
+                    "created": _stamp(time.time()), **(meta or {})}
 
         ran = write_atomically(final, produce, record, root=self.root, marker=MARKER)
         return Entry(stage, key, final, ran=ran)  # ran is False when another run wrote it while we waited
@@ -110,10 +114,9 @@ class StageCache:
         for s in self.stored():
             bad = problem(s.path, s.marker, hashes=False)
             record = {} if bad else json.loads((s.path / s.marker).read_text())
-            size = sum(p.stat().st_size for p in s.path.rglob("*") if p.is_file())
-            created = record.get("created") or (time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(
-                (s.path / s.marker).stat().st_mtime)) if not bad else "")
-            rows.append({"name": s.name, "stage": s.stage, "key": s.key, "entry": s.entry, "bytes": size, "created": created,
+            created = "" if bad else record.get("created") or _stamp((s.path / s.marker).stat().st_mtime)
+            rows.append({"name": s.name, "stage": s.stage, "key": s.key, "entry": s.entry, "created": created,
+                         "bytes": sum(p.stat().st_size for p in s.path.rglob("*") if p.is_file()),
                          "seconds": record.get("seconds"), "problem": bad})
         return rows
 

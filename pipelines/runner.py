@@ -4,8 +4,11 @@ Stages, in order: prepare (slices) -> superpixels -> generator (pretrain, then f
 synthesis (per source and class) -> segmenter (base model per model and exclusion set) -> finetune (per
 arm and class) -> evaluate (per model, arm and protocol) -> report. Every stage run goes through the
 content-addressed `StageCache`; its key holds the stage's own config, the keys of its inputs and the
-stage's code version, so a config change re-runs exactly the stages downstream of it. Independent
-(fold, seed) units can run in parallel processes (`jobs`), which share the cache through its locks.
+stage's code version, so a config change re-runs exactly the stages downstream of it; an entry found
+damaged is moved aside and run again. Independent (fold, seed) units can run in parallel processes
+(`jobs`), which share the cache through its locks and end when the run that started them dies. The
+run folder's `stages.json` records every stage entry and the slice and superpixel folders the run used,
+with whether each ran or came from the cache, and in which process.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pipelines import stages
 from pipelines.cache import StageCache, stage_key
 from pipelines.config import ConfigError, ExperimentConfig, as_dict
 from segment.phantom import write_phantom
+from segment.integrity import relative
 from segment.protocol import Fold, make_folds
 from segment.slices import PreparedData, prepare
 from segment.superpixels import superpixel_folder
@@ -173,14 +177,7 @@ def run_experiment(cfg: ExperimentConfig, *, force: tuple[str, ...] = ()) -> dic
         except NotCached:
             pass
     todo = [i for i, r in enumerate(results) if r is None]
-    if cfg.run.jobs > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(cfg.run.jobs, mp_context=mp.get_context("spawn"), initializer=exit_with_parent,
-                                 initargs=(os.getpid(),)) as pool:
-            done = list(tqdm(pool.map(_unit, *zip(*[args[i] for i in todo])), total=len(todo), desc="units",
-                             unit="unit"))
-    else:
-        done = [_unit(*args[i], data=data) for i in tqdm(todo, desc="units", unit="unit")]
-    for i, result in zip(todo, done):
+    for i, result in zip(todo, _run_units([args[i] for i in todo], cfg.run.jobs, data)):
         results[i] = result
     for unit_rows, records, unit_extras in results:
         rows += unit_rows
@@ -197,9 +194,19 @@ def run_experiment(cfg: ExperimentConfig, *, force: tuple[str, ...] = ()) -> dic
     return {"out": out, "records": runner.records, "summary": summary}
 
 
+def _run_units(args: list[tuple], jobs: int, data: PreparedData) -> list[tuple]:
+    """`_unit` of each argument tuple: in a pool of `jobs` spawned processes (each ending with this one),
+    or here when one process is asked for or one unit is left."""
+    if jobs > 1 and len(args) > 1:
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
+            return list(tqdm(pool.map(_unit, *zip(*args)), total=len(args), desc="units", unit="unit"))
+    return [_unit(*a, data=data) for a in tqdm(args, desc="units", unit="unit")]
+
+
 def _cache_path(folder: Path, cfg: ExperimentConfig) -> str:
     """A slice or superpixel folder as `slices/NAME`: what `cache gc --keep` keeps for this run."""
-    return Path(folder).relative_to(Path(cfg.run.cache)).as_posix()
+    return relative(Path(cfg.run.cache), Path(folder)).as_posix()
 
 
 def exit_with_parent(parent: int) -> None:

@@ -117,9 +117,14 @@ def read_verified(folder: Path, name: str, record: dict) -> bytes:
     return data
 
 
+def relative(root: Path, folder: Path) -> Path:
+    """`folder`'s path under the cache root (either may be relative, or reached through a link)."""
+    return Path(folder).resolve().relative_to(Path(root).resolve())
+
+
 def lock_path(root: Path, folder: Path) -> Path:
     """The lock file of a cached folder: `ROOT/locks/<its path under ROOT, '/' as '~'>.lock`."""
-    return Path(root) / LOCKS / ("~".join(folder.relative_to(root).parts) + ".lock")
+    return Path(root) / LOCKS / ("~".join(relative(root, folder).parts) + ".lock")
 
 
 @contextmanager
@@ -160,7 +165,7 @@ def hold(path: Path, *, blocking: bool = True) -> Iterator[bool]:
 
 def quarantine(root: Path, folder: Path, reason: str) -> Path:
     """Move a bad folder to `ROOT/quarantine/<its path>.*/` and warn once; the caller holds its lock."""
-    rel = folder.relative_to(root)
+    rel = relative(root, folder)
     parent = Path(root) / QUARANTINE / rel.parent
     for attempt in range(3):  # `cache gc` may empty the quarantine between mkdtemp and rename
         parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +176,7 @@ def quarantine(root: Path, folder: Path, reason: str) -> Path:
         except FileNotFoundError:
             if attempt == 2 or not folder.exists():
                 raise
-    log.warning("cache: %s is bad: %s; moved to %s, rebuilding it", rel, reason, dest.relative_to(root))
+    log.warning("cache: %s is bad: %s; moved to %s, rebuilding it", rel, reason, relative(root, dest))
     return dest
 
 

@@ -1,28 +1,37 @@
-"""A content-addressed cache of stage artifacts, safe against kill -9 and concurrent runs.
+"""A content-addressed cache of stage artifacts, safe against kill -9, concurrent runs and damage.
 
 An entry lives at `ROOT/stages/STAGE/KEY/`, where KEY hashes the stage name, the stage's code version,
 the exact config subset it reads and the keys of its inputs. An entry is produced in a temporary folder
-and renamed into place only once complete, with `stage.json` written last inside it; so a folder at the
-final path is always whole, and a run killed at any moment leaves only a `.tmp-*` folder that nothing
-trusts and `gc` removes. One lock file per entry (fcntl, released by the kernel when a process dies)
-makes a second run wait for the first instead of writing the same entry twice.
+and renamed into place only once complete, with `stage.json` written last inside it, recording the size
+and SHA-256 of every file (`segment.integrity.write_atomically`); a run killed at any moment leaves only
+a `.tmp-*` folder that nothing trusts and `gc` removes. One lock per entry makes a second run wait for
+the first instead of writing the same entry twice.
+
+Reading checks: `done` (and `ls`) compares sizes and times with the record, `run` hashes every file of
+an entry before returning it. A bad entry (edited, truncated, half deleted) is moved to
+`ROOT/quarantine/` with one warning and produced again. Beside the stage entries the cache holds the
+prepared slices (`ROOT/slices/`) and superpixel maps (`ROOT/superpixels/`), written the same way.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from segment.integrity import (LOCKS, QUARANTINE, hold, lock, problem, temporary_target,
+                               write_atomically)
+
 MARKER = "stage.json"
+FOLDERS = {"slices": "meta.json", "superpixels": "meta.json"}  # folders beside the stages: marker of each
+
+
+def _stamp(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(seconds))
 
 
 def stage_key(stage: str, version: str, config: dict, inputs: dict[str, str]) -> str:
@@ -40,6 +49,23 @@ class Entry:
     ran: bool  # False when it came from the cache
 
 
+@dataclass(frozen=True)
+class Stored:
+    """One folder of the cache: a stage entry (`stage`, `key`), or a slice or superpixel folder
+    (`stage` is "slices" or "superpixels", `key` the folder name, `entry` False)."""
+
+    stage: str
+    key: str
+    path: Path
+    marker: str
+    entry: bool
+
+    @property
+    def name(self) -> str:
+        """Its path under the cache root: `stages/STAGE/KEY`, `slices/NAME` or `superpixels/NAME`."""
+        return f"stages/{self.stage}/{self.key}" if self.entry else f"{self.stage}/{self.key}"
+
+
 class StageCache:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -48,75 +74,102 @@ class StageCache:
         return self.root / "stages" / stage / key
 
     def done(self, stage: str, key: str) -> bool:
-        return (self.folder(stage, key) / MARKER).is_file()
-
-    @contextmanager
-    def _lock(self, stage: str, key: str, *, blocking: bool = True) -> Iterator[bool]:
-        locks = self.root / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{stage}-{key}.lock", "w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        """Whether a whole entry exists: the cheap check (sizes and times against its record)."""
+        return problem(self.folder(stage, key), MARKER, hashes=False) is None
 
     def run(self, stage: str, key: str, produce: Callable[[Path], None], meta: dict | None = None) -> Entry:
-        """Return the entry for (stage, key), producing it with `produce(tmp_folder)` when absent."""
+        """Return the entry for (stage, key), hash-checked, producing it with `produce(tmp_folder)` when
+        absent or bad (a bad one is moved to quarantine first, with a warning)."""
         final = self.folder(stage, key)
-        if self.done(stage, key):
+        if final.exists() and problem(final, MARKER, hashes=True) is None:
             return Entry(stage, key, final, ran=False)
-        with self._lock(stage, key):
-            if self.done(stage, key):  # another run produced it while we waited
-                return Entry(stage, key, final, ran=False)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=final.parent))
-            try:
-                start = time.time()
-                produce(tmp)
-                record = {"stage": stage, "key": key, "seconds": round(time.time() - start, 2),
-                          "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {})}
-                (tmp / MARKER).write_text(json.dumps(record, indent=2, default=str))
-                os.rename(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        return Entry(stage, key, final, ran=True)
+        start = time.time()
+
+        def record() -> dict:
+            return {"stage": stage, "key": key, "seconds": round(time.time() - start, 2),
+                    "created": _stamp(time.time()), **(meta or {})}
+
+        ran = write_atomically(final, produce, record, root=self.root, marker=MARKER)
+        return Entry(stage, key, final, ran=ran)  # ran is False when another run wrote it while we waited
 
     def remove(self, stage: str, key: str) -> None:
         """Drop one entry (for --force), waiting for any run that is writing it."""
-        with self._lock(stage, key):
-            shutil.rmtree(self.folder(stage, key), ignore_errors=True)
+        folder = self.folder(stage, key)
+        with lock(self.root, folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def stored(self) -> list[Stored]:
+        """Every stage entry, slice folder and superpixel folder at its final path, whole or not."""
+        out = [Stored(p.parent.name, p.name, p, MARKER, True) for p in sorted((self.root / "stages").glob("*/*"))
+               if p.is_dir() and not p.name.startswith(".")]
+        for kind, marker in FOLDERS.items():
+            out += [Stored(kind, p.name, p, marker, False) for p in sorted((self.root / kind).glob("*"))
+                    if p.is_dir() and not p.name.startswith(".")]
+        return out
 
     def ls(self) -> list[dict]:
-        """Every complete entry: stage, key, size in bytes and creation time."""
+        """Every stored folder: its name (path under the root), stage, key, whether a stage entry, size in
+        bytes, creation time and `problem` (None when whole, by the cheap check of sizes and times)."""
         rows = []
-        for marker in sorted((self.root / "stages").glob(f"*/*/{MARKER}")):
-            folder = marker.parent
-            record = json.loads(marker.read_text())
-            size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-            rows.append({"stage": folder.parent.name, "key": folder.name, "bytes": size,
-                         "created": record.get("created", ""), "seconds": record.get("seconds")})
+        for s in self.stored():
+            bad = problem(s.path, s.marker, hashes=False)
+            record = {} if bad else json.loads((s.path / s.marker).read_text())
+            created = "" if bad else record.get("created") or _stamp((s.path / s.marker).stat().st_mtime)
+            rows.append({"name": s.name, "stage": s.stage, "key": s.key, "entry": s.entry, "created": created,
+                         "bytes": sum(p.stat().st_size for p in s.path.rglob("*") if p.is_file()),
+                         "seconds": record.get("seconds"), "problem": bad})
         return rows
 
-    def gc(self, keep: set[tuple[str, str]] | None = None) -> list[Path]:
-        """Remove leftovers of killed runs, and with `keep`, every entry not in it. Returns what went."""
+    def verify(self) -> list[tuple[Stored, str | None]]:
+        """Every stored folder with its `problem` by the full check: every file's SHA-256."""
+        return [(s, problem(s.path, s.marker, hashes=True)) for s in self.stored()]
+
+    def gc(self, keep: set[tuple[str, str]] | None = None, keep_folders: set[str] | None = None) -> list[Path]:
+        """Remove what nothing trusts: leftovers of killed runs (`.tmp-*` folders nobody is writing),
+        quarantined folders and unused lock files. With `keep`, also every stage entry not in it; with
+        `keep_folders` (paths like `slices/NAME`), every slice and superpixel folder not in it.
+        Returns what went."""
+        removed = self._leftovers() + self._quarantined()
+        if keep is not None:
+            removed += self._drop([s for s in self.stored() if s.entry and (s.stage, s.key) not in keep])
+        if keep_folders is not None:
+            removed += self._drop([s for s in self.stored() if not s.entry and s.name not in keep_folders])
+        return removed + self._unused_locks()
+
+    def _leftovers(self) -> list[Path]:
+        parents = [p for p in (self.root / "stages").glob("*") if p.is_dir()] + [self.root / k for k in FOLDERS]
         removed = []
-        stages = self.root / "stages"
-        for tmp in sorted(stages.glob("*/.tmp-*")) if stages.is_dir() else []:
-            key = tmp.name.split("-")[1]
-            with self._lock(tmp.parent.name, key, blocking=False) as free:
+        for tmp in sorted(t for parent in parents for t in parent.glob(".*") if t.is_dir()):
+            target = temporary_target(tmp)
+            if target is None:
+                continue
+            with lock(self.root, target, blocking=False) as free:
                 if free:  # no live run is writing it
                     shutil.rmtree(tmp, ignore_errors=True)
                     removed.append(tmp)
-        if keep is not None:
-            for row in self.ls():
-                if (row["stage"], row["key"]) not in keep:
-                    path = self.folder(row["stage"], row["key"])
-                    shutil.rmtree(path, ignore_errors=True)
+        return removed
+
+    def _quarantined(self) -> list[Path]:
+        quarantine = self.root / QUARANTINE
+        gone = [quarantine] if quarantine.is_dir() and any(quarantine.iterdir()) else []
+        shutil.rmtree(quarantine, ignore_errors=True)
+        return gone
+
+    def _drop(self, unused: list[Stored]) -> list[Path]:
+        removed = []
+        for s in unused:
+            with lock(self.root, s.path, blocking=False) as free:
+                if free:  # a run writing or moving it aside holds its lock: leave it to that run
+                    shutil.rmtree(s.path, ignore_errors=True)
+                    removed.append(s.path)
+        return removed
+
+    def _unused_locks(self) -> list[Path]:
+        """Lock files left by killed runs (a live holder deletes its own): those nobody holds now."""
+        removed = []
+        for path in sorted((self.root / LOCKS).glob("*.lock")):
+            with hold(path, blocking=False) as free:  # held, it is deleted on release
+                if free:
                     removed.append(path)
         return removed
+

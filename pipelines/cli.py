@@ -89,30 +89,51 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
+    """`ls`: every folder with its cheap check (sizes, times); `verify`: every file's SHA-256, exit 1 when
+    any folder is bad; `gc`: remove leftovers, quarantine and stale locks (with --keep, unused folders)."""
     cache = StageCache(args.cache)
     if args.action == "ls":
         rows = cache.ls()
         for r in rows:
-            print(f"{r['stage']:<20} {r['key']}  {r['bytes'] / 1e6:8.2f} MB  {r['created']}")
+            state = f"BAD: {r['problem']}" if r["problem"] else "ok"
+            where = f"{r['stage']:<20} {r['key']}" if r["entry"] else f"{r['stage'] + '/':<20} {r['key']}"
+            print(f"{where}  {r['bytes'] / 1e6:8.2f} MB  {r['created']}  {state}")
         print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB in {cache.root}")
         return
-    keep = _kept_entries(args.keep) if args.keep else None  # every run folder is read before anything is removed
-    removed = cache.gc(keep)
+    if args.action == "verify":
+        results = cache.verify()
+        bad = [(s, p) for s, p in results if p]
+        for s, p in bad:
+            print(f"BAD {s.name}: {p}")
+        print(f"{len(results)} entries checked, {len(bad)} bad in {cache.root}"
+              + ("; a run that uses a bad one moves it to quarantine/ and rebuilds it" if bad else ""))
+        if bad:
+            raise SystemExit(1)
+        return
+    keep, folders = _kept_entries(args.keep) if args.keep else (None, None)  # all read before anything goes
+    if args.keep and folders is None:
+        print("a kept run does not list its slice and superpixel folders (run it again): keeping them all")
+    removed = cache.gc(keep, folders)
+    for path in removed:
+        print(f"removed {path.relative_to(cache.root)}")
     print(f"removed {len(removed)} entries or leftovers from {cache.root}")
 
 
-def _kept_entries(run_dirs: list[str]) -> set[tuple[str, str]]:
-    """The (stage, key) pairs the given run folders used, from their stages.json."""
+def _kept_entries(run_dirs: list[str]) -> tuple[set[tuple[str, str]], set[str] | None]:
+    """The (stage, key) pairs and the slice and superpixel folders the given run folders used, from their
+    stages.json; folders are None when a run predates that record (gc then keeps them all)."""
     keep: set[tuple[str, str]] = set()
+    folders: set[str] | None = set()
     for run_dir in run_dirs:
         path = Path(run_dir) / "stages.json"
         try:
-            records = json.loads(path.read_text())["records"]
-            keep |= {(r["stage"], r["key"]) for r in records}
+            used = json.loads(path.read_text())
+            keep |= {(r["stage"], r["key"]) for r in used["records"]}
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"cache gc --keep {run_dir}: cannot read the run's stages from {path} "
                               f"({type(err).__name__}: {err}); give run folders of `supportforge run`") from None
-    return keep
+        folders = None if folders is None or "folders" not in used else folders | set(used["folders"])
+    return keep, folders
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,11 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for the rebuilt report")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("cache", help="list the stage cache, or remove leftovers and unused entries")
-    p.add_argument("action", choices=("ls", "gc"))
+    p = sub.add_parser("cache", help="list or verify the cache, or remove leftovers and unused entries",
+                       description="ls: every entry with a cheap check (sizes and times against its record); "
+                                   "verify: every file's SHA-256, exit 1 when an entry is bad; gc: remove "
+                                   "leftovers of killed runs, quarantined entries and unused lock files")
+    p.add_argument("action", choices=("ls", "verify", "gc"))
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--keep", nargs="*", default=None, metavar="RUN_DIR",
-                   help="with gc: keep only the entries these run folders used")
+                   help="with gc: keep only the entries, slices and superpixels these run folders used")
     p.set_defaults(func=cmd_cache)
     return parser
 

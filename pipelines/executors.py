@@ -16,11 +16,16 @@ The cache and the run folder must then be on storage that every node sees under 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
 import multiprocessing as mp
+import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -70,18 +75,43 @@ class UnitFailure:
 
 
 Outcome = tuple[list[UnitResult | None], list[UnitFailure]]  # results in the order of the units; None: failed
+PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent dies
+
 Executor = Callable[[Callable[..., UnitResult], list[UnitArgs], RunConfig, PreparedData], Outcome]
 
 
 def run_local(unit: Callable[..., UnitResult], units: list[UnitArgs], run: RunConfig,
               data: PreparedData) -> Outcome:
-    """Units in this process, or in `run.jobs` spawned processes; an error in a unit propagates."""
+    """Units in this process, or in `run.jobs` spawned processes (each ending with this one); an error in a
+    unit propagates."""
     if run.jobs > 1 and len(units) > 1:
-        with ProcessPoolExecutor(run.jobs, mp_context=mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(run.jobs, mp_context=mp.get_context("spawn"), initializer=exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             done = list(tqdm(pool.map(unit, *zip(*units)), total=len(units), desc="units", unit="unit"))
     else:
         done = [unit(*a, data=data) for a in tqdm(units, desc="units", unit="unit")]
     return done, []
+
+
+def exit_with_parent(parent: int) -> None:
+    """Pool worker initializer: end this worker as soon as `parent`, the run that started it, is gone,
+    even by kill -9 (the pool cannot tell its workers then, and they would run on for minutes).
+
+    Linux kills the worker itself when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere, and as a
+    fallback, a daemon thread polls the parent pid twice a second.
+    """
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class UnitJob(submitit.helpers.Checkpointable):

@@ -4,8 +4,11 @@ Stages, in order: prepare (slices) -> superpixels -> generator (pretrain, then f
 synthesis (per source and class) -> segmenter (base model per model and exclusion set) -> finetune (per
 arm and class) -> evaluate (per model, arm and protocol) -> report. Every stage run goes through the
 content-addressed `StageCache`; its key holds the stage's own config, the keys of its inputs and the
-stage's code version, so a config change re-runs exactly the stages downstream of it. Independent
-(fold, seed) units can run in parallel processes (`jobs`), which share the cache through its locks.
+stage's code version, so a config change re-runs exactly the stages downstream of it; an entry found
+damaged is moved aside and run again. Independent (fold, seed) units can run in parallel processes
+(`jobs`), which share the cache through its locks and end when the run that started them dies. The
+run folder's `stages.json` records every stage entry and the slice and superpixel folders the run used,
+with whether each ran or came from the cache, and in which process.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +27,16 @@ from pipelines import stages
 from pipelines.cache import StageCache, stage_key
 from pipelines.config import ConfigError, ExperimentConfig, as_dict
 from pipelines.executors import EXECUTORS, UnitArgs, check_backend
+from segment.integrity import relative, write_atomically
 from segment.phantom import PHANTOM_VERSION, write_phantom
 from segment.protocol import Fold, make_folds
-from segment.slices import PreparedData, prepare, write_atomically
+from segment.slices import PreparedData, prepare
+from segment.superpixels import superpixel_folder
 from segment.volumes import resolve_spec
 
 # Bump a stage's version when its code changes what it writes: every entry of it, and downstream, re-runs.
-STAGE_VERSIONS = {"superpixels": "1", "generator-pretrain": "1", "generator": "1", "synthesis": "1",
-                  "segmenter": "1", "quality": "2", "finetune": "1", "evaluate": "1", "report": "4"}
+STAGE_VERSIONS = {"superpixels": "1", "generator-pretrain": "2", "generator": "2", "synthesis": "2",
+                  "segmenter": "1", "quality": "2", "finetune": "1", "evaluate": "2", "report": "4"}
 STAGES = ("prepare", *STAGE_VERSIONS)
 
 
@@ -42,6 +48,12 @@ class UnitsFailed(RuntimeError):
     """No unit of the experiment finished, so there is nothing to report."""
 
 
+def _not_cached(stage: str):
+    def produce(folder: Path) -> None:
+        raise NotCached(stage)
+    return produce
+
+
 def log_record(log: logging.Logger, r: dict) -> None:
     log.info("%-18s %-44s %s %s", r["stage"], r["label"], "ran" if r["ran"] else "cached", f"({r['seconds']} s, {r['key']})")
 
@@ -50,8 +62,9 @@ def log_record(log: logging.Logger, r: dict) -> None:
 class StageRunner:
     """Runs one stage entry through the cache, logs whether it ran or was cached, and keeps a record.
 
-    With `cached_only`, a missing entry raises `NotCached` instead of running, and nothing is logged:
-    the runner uses it to find, in-process and cheaply, the units that need no work at all.
+    With `cached_only`, a missing (or bad) entry raises `NotCached` instead of running, and nothing is
+    logged: the runner uses it to find, in-process and cheaply, the units that need no work at all.
+    Each record carries the pid of the process that ran it (a pool worker's with `jobs` > 1).
     """
 
     cache: StageCache
@@ -67,9 +80,11 @@ class StageRunner:
         if stage in self.force and self.cache.done(stage, key):
             self.cache.remove(stage, key)
         start = time.perf_counter()
+        if self.cached_only:  # an entry that the hash check finds bad is moved aside, then built by a unit
+            produce = _not_cached(stage)
         entry = self.cache.run(stage, key, produce, meta={"label": label, "config": config, "inputs": inputs})
         record = {"stage": stage, "label": label, "key": key, "ran": entry.ran,
-                  "seconds": round(time.perf_counter() - start, 2)}
+                  "seconds": round(time.perf_counter() - start, 2), "pid": os.getpid()}
         if not self.cached_only:
             log_record(self.log, record)
         self.records.append(record)
@@ -97,7 +112,7 @@ def phantom_folder(cfg: ExperimentConfig) -> Path:
     folder = Path(cfg.run.cache) / "phantom" / f"phantom-{key}"
     if not (folder / "meta.json").is_file():
         write_atomically(folder, lambda tmp: write_phantom(tmp, n_volumes=d.phantom_volumes, size=d.phantom_size,
-                                                           seed=d.phantom_seed), params)
+                                                           seed=d.phantom_seed), params, root=Path(cfg.run.cache))
     return folder
 
 
@@ -144,14 +159,21 @@ def run_experiment(cfg: ExperimentConfig, *, force: tuple[str, ...] = ()) -> dic
         raise ConfigError(f"--force {bad[0]!r}: not a stage; stages are {list(STAGES)}")
     check_backend(cfg.run)
     out = Path(cfg.run.out)
+    start = time.perf_counter()
     data = load_data(cfg)  # validates the data before anything is written under the run folder
+    if "prepare" in force:
+        data = prepare(data.spec, data.source, resolution=data.resolution, cache_dir=cfg.run.cache, force=True)
     folds, classes = select(cfg, data)
     log = setup_logging(out)
     log.info("experiment %s: %d fold(s), seeds %s, classes %s, arms %s", cfg.name, len(folds),
              list(cfg.protocol.seeds), list(classes), [a.name for a in cfg.arms])
     runner = StageRunner(StageCache(cfg.run.cache), frozenset(force), log)
-    runner.records.append({"stage": "prepare", "label": data.spec.name, "key": data.key, "ran": None, "seconds": 0})
+    runner.records.append({"stage": "prepare", "label": data.spec.name, "key": data.key, "ran": data.built,
+                           "seconds": round(time.perf_counter() - start, 2), "pid": os.getpid()})
+    log_record(log, runner.records[-1])
     _, sp_key = stages.superpixel_stage(cfg, data, runner)
+    folders = [_cache_path(data.path, cfg), _cache_path(superpixel_folder(data, stages.superpixel_params(cfg),
+                                                                          cfg.run.cache), cfg)]
 
     units = [(fold, seed) for fold in folds for seed in cfg.protocol.seeds]
     rows, extras = [], []
@@ -185,10 +207,15 @@ def run_experiment(cfg: ExperimentConfig, *, force: tuple[str, ...] = ()) -> dic
     summary = _stage_summary(runner.records)
     for stage, counts in summary.items():
         log.info("stage %-18s ran %d, cached %d", stage, counts["ran"], counts["cached"])
-    (out / "stages.json").write_text(json.dumps({"records": runner.records, "summary": summary,
+    (out / "stages.json").write_text(json.dumps({"records": runner.records, "summary": summary, "folders": folders,
                                                  "failed_units": failed_units, "config": as_dict(cfg)}, indent=2))
     log.info("report: %s", out / "report.md")
     return {"out": out, "records": runner.records, "summary": summary, "failed_units": failed_units}
+
+
+def _cache_path(folder: Path, cfg: ExperimentConfig) -> str:
+    """A slice or superpixel folder as `slices/NAME`: what `cache gc --keep` keeps for this run."""
+    return relative(Path(cfg.run.cache), Path(folder)).as_posix()
 
 
 def _stage_summary(records: list[dict]) -> dict:

@@ -3,16 +3,17 @@
 The cache folder is named by a content hash of everything that decides its contents: the slice code
 version, the dataset spec, the resolution and the bytes of every image and label file. Changing any of
 them gives a new folder, so stale slices cannot be returned. A folder is written under a temporary
-name and renamed into place, so an interrupted run never leaves a folder that a later run would trust.
+name and renamed into place (`segment.integrity.write_atomically`), so an interrupted run never leaves a
+folder that a later run would trust, and its meta.json records the SHA-256 of every file, checked as
+the slices are read: a damaged folder is moved aside and prepared again.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import os
-import shutil
-import tempfile
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from segment.config import RESOLUTIONS
+from segment.integrity import load_verified, sha256_file, write_atomically
 from segment.volumes import DataError, DatasetSpec, find_volume_ids, load_raw_volume
 
 SLICES_VERSION = "3"  # bump when the preparation below changes what it writes (3: float64 z-score, native labels)
@@ -63,6 +65,7 @@ class PreparedData:
     key: str  # content hash of the cache folder
     path: Path  # the cache folder
     source: Path  # the data folder the volumes came from
+    built: bool = False  # True when this call prepared the slices, False when they came from the cache
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -86,14 +89,6 @@ class PreparedData:
                 "slices_per_class": per_class, "cache": str(self.path)}
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_key(spec: DatasetSpec, data_dir: Path, ids: list[str], resolution: int) -> str:
     """Hash of the code version, spec, resolution and the bytes of every file that goes in."""
     h = hashlib.sha256()
@@ -103,7 +98,7 @@ def cache_key(spec: DatasetSpec, data_dir: Path, ids: list[str], resolution: int
         for pattern in (spec.image_pattern, spec.label_pattern):
             path = Path(data_dir) / pattern.format(id=vid)
             h.update(path.name.encode())
-            h.update(_file_digest(path).encode() if path.is_file() else b"missing")
+            h.update(sha256_file(path).encode() if path.is_file() else b"missing")
     return h.hexdigest()[:20]
 
 
@@ -174,11 +169,12 @@ def _check_memory(spec: DatasetSpec, data_dir: Path, ids: list[str], resolution:
 
 
 def prepare(spec: DatasetSpec, data_dir: str | Path, *, resolution: int, cache_dir: str | Path,
-            min_volumes: int | None = None) -> PreparedData:
+            min_volumes: int | None = None, force: bool = False) -> PreparedData:
     """Load every volume of `data_dir`, normalise and resize its slices, and cache them.
 
     All volumes are read and checked before anything is written. `min_volumes` defaults to the spec's
-    number of folds: fewer volumes than folds cannot form the protocol.
+    number of folds: fewer volumes than folds cannot form the protocol. Cached slices are hash-checked
+    as they are read; a bad folder is moved aside and prepared again, and `force` prepares it again anyway.
     """
     if resolution not in RESOLUTIONS:
         raise DataError(f"resolution must be a multiple of {RESOLUTIONS.step} from {RESOLUTIONS.start} to "
@@ -195,9 +191,10 @@ def prepare(spec: DatasetSpec, data_dir: str | Path, *, resolution: int, cache_d
     if folder.resolve().parent != folder.parent.resolve():  # specs check their names; this guards any other path
         raise DataError(f"spec name {spec.name!r} would place slices at {folder.resolve()}, outside the cache "
                         f"{folder.parent.resolve()}")
-    if (folder / "meta.json").is_file():
-        volumes = tuple(_load_volume(folder, vid) for vid in ids)
-        return PreparedData(spec, resolution, volumes, key, folder, data_dir)
+    cached = None if force else load_verified(Path(cache_dir), folder, [_volume_file(vid) for vid in ids], load_npz)
+    if cached is not None:
+        volumes = tuple(_volume(vid, cached[_volume_file(vid)]) for vid in ids)
+        return PreparedData(spec, resolution, volumes, key, folder, data_dir, built=False)
 
     raw = [load_raw_volume(spec, data_dir, vid) for vid in tqdm(ids, desc=f"read {spec.name}", unit="vol")]
     present = set().union(*(np.unique(lb).tolist() for _, lb in raw))
@@ -211,33 +208,27 @@ def prepare(spec: DatasetSpec, data_dir: str | Path, *, resolution: int, cache_d
     volumes = tuple(Volume(vid, _resize(im, resolution, labels=False), _resize(lb, resolution, labels=True), lb)
                     for vid, im, (_, lb) in zip(ids, images, raw))
     write_atomically(folder, _save_volumes(volumes), {"key": key, "spec": spec.to_dict(), "resolution": resolution,
-                                        "source": str(data_dir), "volumes": ids, "version": SLICES_VERSION})
-    return PreparedData(spec, resolution, volumes, key, folder, data_dir)
+                                        "source": str(data_dir), "volumes": ids, "version": SLICES_VERSION},
+                     root=Path(cache_dir), replace=force)
+    return PreparedData(spec, resolution, volumes, key, folder, data_dir, built=True)
 
 
-def _load_volume(folder: Path, vid: str) -> Volume:
-    with np.load(folder / f"volume_{vid}.npz") as z:
-        return Volume(vid, z["images"], z["labels"], z["native_labels"])
+def _volume_file(vid: str) -> str:
+    return f"volume_{vid}.npz"
 
 
-def write_atomically(folder: Path, fill: Callable[[Path], None], meta: dict) -> None:
-    """Let `fill` write into a temporary folder, add meta.json, then rename it to `folder` in one step."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        fill(tmp)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another run finished the same folder first: same key, same content
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def load_npz(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of an npz file from its bytes (read and hash-checked once by `load_verified`)."""
+    with np.load(io.BytesIO(data)) as z:
+        return {name: z[name] for name in z.files}
+
+
+def _volume(vid: str, arrays: dict[str, np.ndarray]) -> Volume:
+    return Volume(vid, arrays["images"], arrays["labels"], arrays["native_labels"])
 
 
 def _save_volumes(volumes: tuple[Volume, ...]) -> Callable[[Path], None]:
     def fill(tmp: Path) -> None:
         for v in volumes:
-            np.savez(tmp / f"volume_{v.id}.npz", images=v.images, labels=v.labels, native_labels=v.native_labels)
+            np.savez(tmp / _volume_file(v.id), images=v.images, labels=v.labels, native_labels=v.native_labels)
     return fill

@@ -1,7 +1,10 @@
-"""The stage cache: content keys, atomic entries, leftovers of killed runs, locking."""
+"""The stage cache: content keys, atomic entries, leftovers of killed runs, locking, file records."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -100,3 +103,71 @@ def test_gc_keeps_only_what_is_asked(tmp_path):
         cache.run("s", k, lambda f: (f / "x").write_text("x"))
     removed = cache.gc(keep={("s", "a")})
     assert [p.name for p in removed] == ["b"] and [r["key"] for r in cache.ls()] == ["a"]
+
+
+def test_an_entry_records_size_time_and_hash_of_every_file_and_leaves_no_lock(tmp_path):
+    cache = StageCache(tmp_path)
+    entry = cache.run("s", "k", lambda f: ((f / "sub").mkdir(), (f / "sub" / "x.bin").write_bytes(b"abc")))
+    files = json.loads((entry.path / "stage.json").read_text())["files"]
+    assert files == {"sub/x.bin": {"sha256": hashlib.sha256(b"abc").hexdigest(), "bytes": 3,
+                                   "mtime_ns": (entry.path / "sub" / "x.bin").stat().st_mtime_ns}}
+    assert not list((tmp_path / "locks").iterdir())  # the writer deleted its lock file
+
+
+def test_a_changed_file_is_caught_on_use_moved_aside_once_and_produced_again(tmp_path, caplog):
+    cache = StageCache(tmp_path)
+    produce = lambda f: (f / "rows.json").write_text('{"dice": 0.5}')  # noqa: E731
+    path = cache.run("s", "k", produce).path
+    stat = (path / "rows.json").stat()
+    (path / "rows.json").write_text('{"dice": 0.9}')  # same size; the time put back
+    os.utime(path / "rows.json", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cache.done("s", "k")  # the cheap check sees sizes and times only
+    again = cache.run("s", "k", produce)
+    assert again.ran and (again.path / "rows.json").read_text() == '{"dice": 0.5}'
+    assert not cache.run("s", "k", produce).ran
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "stages/s/k" in warnings[0] and "rows.json does not match" in warnings[0]
+    moved = list((tmp_path / "quarantine" / "stages" / "s").glob("k.*/k/rows.json"))
+    assert [m.read_text() for m in moved] == ['{"dice": 0.9}']
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda p: (p / "x").write_text("longer"), "x has 6 bytes, 1 recorded"),
+    (lambda p: (p / "x").unlink(), "x is missing"),
+    (lambda p: (p / "extra").write_text("?"), "extra is not in the record"),
+    (lambda p: (p / "stage.json").write_text("{"), "stage.json is not valid JSON"),
+    (lambda p: (p / "stage.json").write_text('{"stage": "s"}'), "records no file hashes"),
+])
+def test_the_cheap_check_sees_sizes_missing_and_extra_files_and_a_bad_record(tmp_path, damage, problem):
+    cache = StageCache(tmp_path)
+    path = cache.run("s", "k", lambda f: (f / "x").write_text("x")).path
+    damage(path)
+    assert not cache.done("s", "k") and problem in cache.ls()[0]["problem"]
+    assert cache.run("s", "k", lambda f: (f / "x").write_text("x")).ran and cache.done("s", "k")
+
+
+def _hold(root: str, folder: str, ready, release) -> None:
+    from segment.integrity import lock
+    with lock(Path(root), Path(folder)):
+        ready.set()
+        release.wait(30)
+
+
+def test_gc_removes_lock_files_nobody_holds_and_keeps_held_ones(tmp_path):
+    from segment.integrity import lock_path
+    cache = StageCache(tmp_path)
+    stale = lock_path(tmp_path, tmp_path / "stages" / "s" / "dead")
+    stale.parent.mkdir(parents=True)
+    stale.write_text("")  # its holder was killed: the kernel released the lock, the file stayed
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(str(tmp_path), str(tmp_path / "stages" / "s" / "live"), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        held = lock_path(tmp_path, tmp_path / "stages" / "s" / "live")
+        assert cache.gc() == [stale] and held.is_file() and not stale.exists()
+    finally:
+        release.set()
+        holder.join()
+    assert not held.exists()  # its holder deleted it on release

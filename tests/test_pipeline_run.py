@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,11 +165,40 @@ def test_missing_data_folder_exits_2(phantom_dir, tmp_path, capsys):
     assert not (tmp_path / "cache").exists()
 
 
-def test_cache_ls_and_gc(first_run, capsys):
-    _, cache, _ = first_run
-    assert main(["cache", "ls", "--cache", str(cache)]) == 0
+def test_cache_ls_and_gc(first_run, phantom_dir, tmp_path, capsys):
+    from pipelines.cache import StageCache
+    from segment.integrity import lock
+    tmp, cache, _ = first_run
+    copy = Path(shutil.copytree(cache, tmp_path / "cache"))  # gc must not disturb the other tests' cache
+    assert main(["cache", "ls", "--cache", str(copy)]) == 0
     listing = capsys.readouterr().out
-    assert "segmenter" in listing and "entries" in listing
+    assert "segmenter" in listing and "entries" in listing and "BAD" not in listing
+    used = json.loads((tmp / "a" / "stages.json").read_text())
+    unused = StageCache(copy).run("evaluate", "unused", lambda f: (f / "rows.json").write_text("{}")).path
+    leftovers = [copy / "stages" / "segmenter" / ".tmp-0123-abcdefgh",  # killed stage
+                 copy / "slices" / ".tmp-phantom-32-0123-abcdefgh",  # killed prepare
+                 copy / "slices" / ".phantom-32-0123.abcdefgh",  # killed prepare of an older version
+                 copy / "slices" / "phantom-32-unused", copy / "superpixels" / "phantom-32-unused",  # no kept run's
+                 copy / "quarantine" / "stages" / "evaluate" / "k.abcdefgh" / "k"]
+    for folder in leftovers:
+        folder.mkdir(parents=True)
+        (folder / "volume_1.npz").write_bytes(b"half")
+    (copy / "locks" / "stages~segmenter~0123.lock").write_text("")  # left by a killed run
+    live = copy / "slices" / ".tmp-phantom-32-live-abcdefgh"  # a prepare writing now, under its lock
+    live.mkdir()
+    with lock(copy, copy / "slices" / "phantom-32-live"):
+        assert main(["cache", "gc", "--cache", str(copy), "--keep", str(tmp / "a")]) == 0
+    assert live.is_dir() and not unused.exists() and not any(p.exists() for p in leftovers)
+    assert not (copy / "quarantine").exists() and not list((copy / "locks").iterdir())
+    assert {(r["stage"], r["key"]) for r in StageCache(copy).ls() if r["entry"]} \
+        == {(r["stage"], r["key"]) for r in used["records"] if r["stage"] != "prepare"}
+    assert sorted(f"{p.parent.name}/{p.name}" for p in (copy / "slices").glob("[!.]*")) \
+        + sorted(f"{p.parent.name}/{p.name}" for p in (copy / "superpixels").glob("[!.]*")) == used["folders"]
+    cfg = _config(tmp_path, phantom_dir, name="again", cache=copy)
+    assert main(["run", str(cfg)]) == 0  # what the kept run needs is all still there
+    again = _stages(tmp_path / "again")
+    assert again.pop("report") == [True]  # its key holds the run folder, which is new
+    assert not any(ran for runs in again.values() for ran in runs)
 
 
 def test_mask_consistency_filter_keeps_only_pairs_the_real_segmenter_recovers(first_run, phantom_data):
@@ -190,14 +220,18 @@ def test_mask_consistency_filter_keeps_only_pairs_the_real_segmenter_recovers(fi
 
 def test_jobs_run_units_in_parallel_processes_on_a_shared_cache(first_run, phantom_dir):
     tmp, cache, _ = first_run
-    cfg = _config(tmp, phantom_dir, name="j", cache=cache)
+    cfg = _config(tmp, phantom_dir, name="j", cache=cache, n_pairs=4)  # new synthesis: both units have work
     cfg.write_text(cfg.read_text().replace("folds = [0]", "folds = [0, 1]"))
     assert main(["run", str(cfg), "--jobs", "2"]) == 0
     rows = json.loads((tmp / "j" / "results.json").read_text())["rows"]
     assert {r["fold"] for r in rows} == {0, 1}
-    fold0 = sorted((r["arm"], r["query"], round(r["dice"], 6)) for r in rows if r["fold"] == 0)
-    assert fold0 == sorted((a, q, d) for a, _, q, d in _rows(tmp / "a"))  # fold 0 came from the cache
-    assert "segmenter" in _stages(tmp / "j")
+    records = json.loads((tmp / "j" / "stages.json").read_text())["records"]
+    unit_pids = {r["pid"] for r in records if r["stage"] not in ("prepare", "superpixels", "report")}
+    assert unit_pids and os.getpid() not in unit_pids  # every unit ran in a worker process
+    segmenters = sorted((r["label"], r["ran"]) for r in records if r["stage"] == "segmenter")
+    assert segmenters == [("prototype fold0 s0", False), ("prototype fold1 s0", True)]  # fold 0's from the cache
+    real_only = sorted((r["query"], round(r["dice"], 6)) for r in rows if r["fold"] == 0 and r["arm"] == "real-only")
+    assert real_only == sorted((q, d) for a, _, q, d in _rows(tmp / "a") if a == "real-only")
 
 
 def test_spec_class_missing_from_the_labels_exits_2_and_writes_nothing(phantom_copy, tmp_path, capsys):

@@ -67,8 +67,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
-def cmd_run(args: argparse.Namespace) -> None:
-    from pipelines.runner import run_experiment  # the heavy stage imports load only for a run
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run an experiment; exit 1 when some units failed for good (the report marks the gap)."""
+    from pipelines.runner import UnitsFailed, run_experiment  # the heavy stage imports load only for a run
 
     cfg = load(args.config, data=args.data)
     if args.jobs is not None or args.out is not None:
@@ -76,10 +77,20 @@ def cmd_run(args: argparse.Namespace) -> None:
         run = dataclasses.replace(cfg.run, **{k: v for k, v in (("jobs", args.jobs), ("out", args.out)) if v is not None})
         cfg = dataclasses.replace(cfg, run=run)
     start = time.perf_counter()
-    result = run_experiment(cfg, force=tuple(args.force))
+    try:
+        result = run_experiment(cfg, force=tuple(args.force))
+    except UnitsFailed as err:
+        print(f"supportforge: error: {err}", file=sys.stderr)
+        return 1
     ran = sum(c["ran"] for c in result["summary"].values())
     print(f"{cfg.name}: {ran} stage run(s), report in {result['out'] / 'report.md'} "
           f"({time.perf_counter() - start:.1f} s)")
+    if result["failed_units"]:
+        units = ", ".join(f"fold {f['fold']} seed {f['seed']}" for f in result["failed_units"])
+        print(f"supportforge: error: {len(result['failed_units'])} unit(s) failed ({units}); the report marks "
+              f"the gap; see {result['out'] / 'run.log'}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -189,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except (DataError, ConfigError) as err:
         print(f"supportforge: error: {err}", file=sys.stderr)
         return 2
@@ -198,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"supportforge: error: {where}{err.strerror or err}; check that the path exists and may be written",
               file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -178,6 +178,18 @@ def _unit_paragraph(n_tests: int) -> list[str]:
             "against the baseline; it is chosen after seeing the means, which the family-wide adjustment covers.", ""]
 
 
+def _failed_units(failed: list[dict]) -> list[str]:
+    """The units that failed for good: a gap in every table below, never averaged over."""
+    if not failed:
+        return []
+    lines = ["## Failed units: the tables below have no rows for them", ""]
+    for f in failed:
+        tail = f.get("log_tail", "").strip().splitlines()[-1:] or ["(no log)"]
+        lines.append(f"- fold {f['fold']}, seed {f['seed']}: failed after {f['attempts']} attempt(s); "
+                     f"last log line: `{tail[0]}`")
+    return lines + [""]
+
+
 def json_safe(obj):
     """`obj` with NaN and infinities replaced by None (JSON has no NaN) and numpy scalars made plain."""
     if isinstance(obj, dict):
@@ -199,6 +211,7 @@ def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict
     has_post = any("mean_post" in r for r in summary)
     lines = [f"# {title}", "", scoring.line(has_post), "", "## Verdict", ""]
     lines += verdict_lines(tests) + [""] + _unit_paragraph(len(tests))
+    lines += _failed_units(context.get("failed_units", []))
     if notes:
         lines += ["## Arms not tested as augmented", ""] + [f"- {n}" for n in notes] + [""]
     for protocol in protocols:

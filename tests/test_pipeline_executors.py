@@ -87,22 +87,26 @@ def test_slurm_path_retries_a_killed_job_and_gives_the_local_rows_bit_for_bit(lo
 
 
 def test_a_unit_that_always_fails_is_reported_by_name_and_the_others_keep_their_rows(local_run, phantom_dir,
-                                                                                     tmp_path, monkeypatch):
+                                                                                     tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(executors, "UnitJob", functools.partial(FlakyJob, marker=tmp_path / "m", always=True))
-    result = run_experiment(load(_config(tmp_path, phantom_dir, "broken", "slurm")))
+    assert main(["run", str(_config(tmp_path, phantom_dir, "broken", "slurm"))]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("supportforge: error: 1 unit(s) failed (fold 1 seed 0)")
     out = tmp_path / "broken"
-    [failure] = result["failed_units"]
+    [failure] = json.loads((out / "stages.json").read_text())["failed_units"]
     assert (failure["fold"], failure["seed"], failure["attempts"]) == (1, 0, 2)  # the first try and one retry
     assert "fold 1 is broken on purpose" in failure["log_tail"]
     assert json.loads((out / "stages.json").read_text())["failed_units"] == [failure]
     assert json.loads((out / "results.json").read_text())["context"]["failed_units"] == [failure]
     assert "unit fold 1 seed 0 FAILED after 2 attempt(s)" in (out / "run.log").read_text()
+    report = (out / "report.md").read_text()
+    assert "## Failed units" in report and "- fold 1, seed 0: failed after 2 attempt(s)" in report
     rows = _rows(out)
     assert {r["fold"] for r in rows} == {0}  # no rows, no average over the gap
     assert rows == [r for r in _rows(local_run) if r["fold"] == 0]
 
 
-def test_every_unit_failing_raises_and_lists_them(phantom_dir, tmp_path, monkeypatch):
+def test_every_unit_failing_raises_and_lists_them(phantom_dir, tmp_path, monkeypatch, capsys):
     class Broken(executors.UnitJob):
         def __call__(self) -> None:
             raise RuntimeError(f"{self.args.name} broken")
@@ -115,6 +119,8 @@ def test_every_unit_failing_raises_and_lists_them(phantom_dir, tmp_path, monkeyp
     failed = json.loads((tmp_path / "none" / "stages.json").read_text())["failed_units"]
     assert [(f["fold"], f["attempts"]) for f in failed] == [(0, 1), (1, 1)]
     assert "fold0-seed0 broken" in failed[0]["log_tail"] and not (tmp_path / "none" / "results.json").exists()
+    assert main(["run", str(cfg)]) == 1  # the CLI: one line, no traceback
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("supportforge: error: every unit failed")
 
 
 def test_slurm_resources_come_from_run_slurm(tmp_path, monkeypatch):

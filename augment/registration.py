@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.losses import BendingEnergyLoss, LocalNormalizedCrossCorrelationLoss
 from monai.networks.blocks import Warp
 from monai.networks.nets import VoxelMorph, VoxelMorphUNet
@@ -169,6 +170,9 @@ def body_slices(volume: torch.Tensor, min_fraction: float) -> np.ndarray:
                     np.int64)
 
 
+Moments = tuple[torch.Tensor, torch.Tensor] | None  # body centroid and spread per axis, or None (no body)
+
+
 def _moments(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Centroid and standard deviation per axis (rows, columns) of a `(H, W)` bool mask."""
     ys, xs = torch.nonzero(mask, as_tuple=True)
@@ -176,18 +180,78 @@ def _moments(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pts.mean(1), pts.std(1).clamp_min(1.0)
 
 
-def body_affine_ddf(moving: torch.Tensor, fixed: torch.Tensor, max_scale: float) -> torch.Tensor:
-    """`(2, H, W)` displacement that moves the body of `moving` onto the body of `fixed` (both `(H, W)`):
+def slice_moments(image: torch.Tensor) -> Moments:
+    mask = body_mask(image)
+    return _moments(mask) if mask.any() else None
+
+
+def moments_affine_ddf(moving: Moments, fixed: Moments, shape: tuple[int, int], max_scale: float) -> torch.Tensor:
+    """`(2, H, W)` displacement that moves a body with `moving` moments onto one with `fixed` moments:
     p -> c_m + r (p - c_f), with r the ratio of body spreads per axis, clipped to [1/max_scale, max_scale]."""
-    h, w = fixed.shape
-    m_mask, f_mask = body_mask(moving), body_mask(fixed)
-    if not m_mask.any() or not f_mask.any():
+    h, w = shape
+    if moving is None or fixed is None:
         return torch.zeros(2, h, w)
-    (c_m, s_m), (c_f, s_f) = _moments(m_mask), _moments(f_mask)
+    (c_m, s_m), (c_f, s_f) = moving, fixed
     r = (s_m / s_f).clamp(1 / max_scale, max_scale)
     grid = torch.stack(torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij"))  # (2, H, W)
     target = c_m[:, None, None] + r[:, None, None] * (grid - c_f[:, None, None])
     return target - grid
+
+
+def body_affine_ddf(moving: torch.Tensor, fixed: torch.Tensor, max_scale: float) -> torch.Tensor:
+    """`moments_affine_ddf` of two `(H, W)` slices: the body of `moving` moved onto the body of `fixed`."""
+    return moments_affine_ddf(slice_moments(moving), slice_moments(fixed), tuple(fixed.shape), max_scale)
+
+
+@torch.no_grad()
+def fit_z_map(support_volume: torch.Tensor, target_volume: torch.Tensor, *, lncc_kernel: int = 5,
+              max_scale: float = 1.5, slopes: tuple[float, float] = (0.6, 1.6), min_overlap: float = 0.6) -> dict:
+    """Label-free slice correspondence between two volumes `(Z, H, W)`: z_t = a z_s + b.
+
+    1. every support slice is affinely aligned (body moments) to every target slice at half resolution and
+       scored by squared LNCC: a similarity matrix `(Zs, Zt)`;
+    2. the line (a, b) with the highest mean row-standardised similarity along it is the correspondence (a
+       grid search over slopes in `slopes` and every half-slice offset, among lines that map at least
+       `min_overlap` of the support's body slices inside the target); fitting one line through all slices
+       at once is more robust than the best match of one slice, which similar neighbouring levels mislead.
+    Returns {"slope": a, "offset": b, "score": mean standardised similarity along the line, "overlap"}.
+    """
+    sv = F.avg_pool2d(support_volume.float()[:, None], 2)[:, 0]       # (Zs, h, w)
+    tv = F.avg_pool2d(target_volume.float()[:, None], 2)[:, 0]        # (Zt, h, w)
+    lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=2, kernel_size=lncc_kernel, reduction="none")
+    warp = Warp(mode="bilinear", padding_mode="border")
+    ms, mt = [slice_moments(x) for x in sv], [slice_moments(x) for x in tv]
+    # 1. similarity matrix
+    sim = torch.zeros(len(sv), len(tv))
+    for i, m in enumerate(ms):
+        if m is None:
+            continue
+        aff = torch.stack([moments_affine_ddf(m, f, tuple(tv.shape[-2:]), max_scale) for f in mt])  # (Zt, 2, h, w)
+        pre = warp(sv[i].expand(len(tv), 1, -1, -1), aff)
+        sim[i] = -lncc(pre, tv[:, None]).flatten(1).mean(1)
+    # 2. the best line z_t = a z_s + b, scored by the row-standardised similarity (how much better than the
+    #    support slice's average match) averaged over the slices it maps inside the target; lines that map
+    #    under `min_overlap` of the support's body slices inside are not considered
+    rows = torch.tensor([i for i, m in enumerate(ms) if m is not None])                       # (N,)
+    z = (sim[rows] - sim[rows].mean(1, keepdim=True)) / sim[rows].std(1, keepdim=True).clamp_min(1e-6)  # (N, Zt)
+    a = torch.linspace(slopes[0], slopes[1], 51)[:, None, None]                               # (A, 1, 1)
+    b = torch.arange(-len(tv), len(tv) + 0.5, 0.5)[None, :, None]                            # (1, B, 1)
+    j = torch.round(a * rows.float() + b).long()                                              # (A, B, N)
+    inside = (j >= 0) & (j < len(tv))
+    n_rows = torch.arange(len(rows))[None, None].expand_as(j)
+    total = torch.where(inside, z[n_rows, j.clamp(0, len(tv) - 1)], 0.0).sum(-1)
+    overlap = inside.float().mean(-1)
+    score = torch.where(overlap >= min_overlap, total / inside.sum(-1).clamp_min(1), -torch.inf)
+    best = int(torch.argmax(score))
+    ia, ib = divmod(best, score.shape[1])
+    return {"slope": float(a[ia, 0, 0]), "offset": float(b[0, ib, 0]), "score": float(score[ia, ib]),
+            "overlap": float(overlap[ia, ib])}
+
+
+def map_slice(z_map: dict, z: int, depth: int, window: int) -> np.ndarray:
+    """Target slices within `window` of the mapped `z`, clipped to the volume of `depth` slices."""
+    centre = int(round(z_map["slope"] * z + z_map["offset"]))
+    return np.unique(np.clip(np.arange(centre - window, centre + window + 1), 0, depth - 1))
 
 
 def compose_affine(aff: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

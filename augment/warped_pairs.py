@@ -32,7 +32,7 @@ from augment.appearance import HistogramAppearance
 from augment.config import DeformConfig
 from augment.masks import mask_problem
 from augment.pairs import ArrayLike, PairError, as_pairs
-from augment.registration import Registration, RegistrationModel, folded_share
+from augment.registration import Registration, RegistrationModel, fit_z_map, folded_share, map_slice
 
 EP1_POSITIONS = (1 / 6, 1 / 2, 5 / 6)
 
@@ -87,14 +87,22 @@ def _volumes(unlabelled_volumes: Mapping[str, ArrayLike]) -> dict[str, torch.Ten
 
 
 def register_candidates(support_images: torch.Tensor, support_masks: torch.Tensor, volumes: dict[str, torch.Tensor],
-                        model: RegistrationModel, checks: PairChecks) -> list[list[dict]]:
-    """Every (support, volume) candidate: registration, warped pair, checks. One list per support."""
+                        model: RegistrationModel, checks: PairChecks, *, z_maps: Mapping[str, dict] | None = None,
+                        support_slices: Sequence[int] | None = None, z_window: int = 1) -> list[list[dict]]:
+    """Every (support, volume) candidate: registration, warped pair, checks. One list per support.
+
+    With `z_maps` {volume id: `fit_z_map` of the support volume onto it} and the supports' `support_slices`,
+    each support searches only the slices within `z_window` of its mapped slice; without, every slice.
+    """
+    if (z_maps is None) != (support_slices is None):
+        raise PairError("z_maps and support_slices go together: give both or neither")
     out = []
     for s in range(len(support_images)):
         rows = []
         for vid, vol in volumes.items():
             name = f"support {s} -> volume {vid!r}"
-            reg = model.register(support_images[s, 0], vol, name=name)
+            slices = None if z_maps is None else map_slice(z_maps[vid], int(support_slices[s]), len(vol), z_window)
+            reg = model.register(support_images[s, 0], vol, slices=slices, name=name)
             image, mask = warp_pair(support_images[s, 0], support_masks[s, 0], reg.ddf)
             problem, measures = pair_problem(reg, mask, support_masks[s, 0], checks)
             rows.append({"support": s, "volume": vid, "slice": reg.target_slice, "problem": problem,
@@ -103,17 +111,32 @@ def register_candidates(support_images: torch.Tensor, support_masks: torch.Tenso
     return out
 
 
+def fit_z_maps(support_volume: ArrayLike, volumes: Mapping[str, torch.Tensor], model: RegistrationModel
+               ) -> dict[str, dict]:
+    """`fit_z_map` of the support volume (images only) onto every unlabelled volume."""
+    sv = torch.as_tensor(np.asarray(support_volume, np.float32))
+    if sv.ndim != 3:
+        raise PairError(f"support_volume must be (Z, H, W), got {tuple(sv.shape)}")
+    model.check_size(*sv.shape[-2:], "the support volume")
+    return {vid: fit_z_map(sv, vol, max_scale=model.config.max_scale) for vid, vol in volumes.items()}
+
+
 def _public(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("image", "mask", "registration")}
 
 
 def learned_pairs(support_images: ArrayLike, support_masks: ArrayLike, unlabelled_volumes: Mapping[str, ArrayLike],
                   model: RegistrationModel, appearance: HistogramAppearance | None, n: int, seed: int, *,
-                  checks: PairChecks = PairChecks()) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                  checks: PairChecks = PairChecks(), support_volume: ArrayLike | None = None,
+                  support_slices: Sequence[int] | None = None, z_window: int = 1
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """`n` pairs `(n, 1, H, W)` (images, masks) made by warping the supports onto unlabelled subjects.
 
     `unlabelled_volumes` {id: `(Z, H, W)`} are images only (the fold's training volumes). `appearance`
-    None keeps the support's intensities. Returns images, masks and a JSON-able `info`: every candidate
+    None keeps the support's intensities. With `support_volume` `(Z, H, W)` (the support volume's image, no
+    labels) and the supports' `support_slices`, the slice correspondence comes from one line z_t = a z_s + b
+    fitted between whole volumes (`fit_z_map`), searched within `z_window`; without them, from the best
+    slice of each volume. Returns images, masks and a JSON-able `info`: every candidate
     with its measures and verdict, the share that passed, and for each pair its support, target, slice
     and appearance donor. `register_candidates` + `select_pairs` are the same in two steps, for callers
     that also measure the candidates.
@@ -123,7 +146,14 @@ def learned_pairs(support_images: ArrayLike, support_masks: ArrayLike, unlabelle
     if n < 1:
         raise PairError(f"n must be >= 1, got {n}")
     volumes = _volumes(unlabelled_volumes)
-    candidates = register_candidates(images, masks, volumes, model, checks)
+    z_maps = None
+    if support_volume is not None or support_slices is not None:
+        if support_volume is None or support_slices is None or len(support_slices) != len(images):
+            raise PairError(f"support_volume and support_slices go together, one slice index per support "
+                            f"({len(images)}), got {None if support_slices is None else list(support_slices)}")
+        z_maps = fit_z_maps(support_volume, volumes, model)
+    candidates = register_candidates(images, masks, volumes, model, checks, z_maps=z_maps,
+                                     support_slices=support_slices, z_window=z_window)
     return select_pairs(candidates, volumes, appearance, n, seed, checks=checks)
 
 

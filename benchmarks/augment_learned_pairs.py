@@ -37,8 +37,8 @@ from augment.appearance import HistogramAppearance  # noqa: E402
 from augment.masks import classical_pairs  # noqa: E402
 from augment.registration import RegistrationConfig, load_registration, train_registration  # noqa: E402
 from augment.synthesis import save_grid  # noqa: E402
-from augment.warped_pairs import (PairChecks, oracle_pairs, register_candidates, select_pairs,  # noqa: E402
-                                  warp_pair)
+from augment.warped_pairs import (PairChecks, fit_z_maps, oracle_pairs, register_candidates,  # noqa: E402
+                                  select_pairs, warp_pair)
 from segment.phantom import write_phantom  # noqa: E402
 from segment.protocol import ep1_support_indices, make_folds  # noqa: E402
 from segment.slices import prepare  # noqa: E402
@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="registration training steps")
     p.add_argument("--pool", type=int, default=256, help="registration training slice pairs")
     p.add_argument("--n", type=int, default=12, help="pairs per class")
+    p.add_argument("--correspondence", choices=["volume", "slice"], default="volume",
+                   help="volume: one z line fitted between whole volumes (fit_z_map); slice: best slice per volume")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(ROOT / ".cache"))
     p.add_argument("--runs", default=str(ROOT / "runs" / "augment_learned_pairs"))
@@ -187,6 +189,11 @@ def main(argv=None) -> dict:
               "resolution": data.resolution, "dataset": data.spec.name, "registration_config": asdict(config),
               "checks": asdict(checks), "registration_checkpoint": str(ckpt.relative_to(ROOT)) if ckpt.is_relative_to(ROOT)
               else str(ckpt), "seconds": {"registration_training": train_seconds}, "classes": {}, "reference": REFERENCE}
+    t0 = time.time()
+    z_maps = fit_z_maps(support.images, volumes, model) if args.correspondence == "volume" else None
+    result["seconds"]["z_maps"] = round(time.time() - t0, 1)
+    result["correspondence"] = args.correspondence
+    result["z_maps"] = z_maps
     pools, accuracy_rows = {}, []
     out_dir = Path(args.out)
     for name in data.spec.classes:
@@ -197,7 +204,8 @@ def main(argv=None) -> dict:
         zs = np.flatnonzero((support.labels == cid).any(axis=(1, 2)))
         rel = [{"volume": z / (len(support.images) - 1), "organ": (z - zs[0]) / max(1, zs[-1] - zs[0])} for z in idx]
         t0 = time.time()
-        candidates = register_candidates(s_img, s_mask, volumes, model, checks)
+        candidates = register_candidates(s_img, s_mask, volumes, model, checks, z_maps=z_maps,
+                                         support_slices=None if z_maps is None else idx)
         images, masks, info = select_pairs(candidates, volumes, appearance, args.n, args.seed, checks=checks)
         synth_seconds = round(time.time() - t0, 1)
         for s, cands in enumerate(candidates):
@@ -239,7 +247,7 @@ def write(result: dict, out_dir: Path, tag: str, phantom: bool) -> None:
     (out_dir / f"augment_learned_pairs{tag}.json").write_text(json.dumps(result, indent=2))
     acc = result["label_accuracy"]
     lines = [f"# Learned-transform pairs: {result['dataset']} fold {result['fold']}, {result['resolution']} px"
-             + (" (phantom)" if phantom else ""), "",
+             + (" (phantom)" if phantom else ""), "", f"Slice correspondence: {result['correspondence']}.", "",
              "Label accuracy of the transforms on the training volumes: Dice (%) of each warped support mask "
              "against the true mask of the target slice (labels used only for this measurement).", "",
              "| candidates | n | no warp | affine | affine + VoxelMorph | rel. z: no warp | rel. z: learned | "
@@ -247,7 +255,7 @@ def write(result: dict, out_dir: Path, tag: str, phantom: bool) -> None:
     for name, a in acc.items():
         lines.append(f"| {name} | {a['n']} | {a['no_warp']} | {a['affine']} | {a['learned']} | {a['relative_z_no_warp']} "
                      f"| {a['relative_z_learned']} | {a['organ_relative_no_warp']} | {a['organ_relative_learned']} |")
-    lines += ["", "The first three columns use the slice the model found (LNCC); 'rel. z' forces the slice at the "
+    lines += ["", "The first three columns use the slice the model found; 'rel. z' forces the slice at the "
               "support's relative z of the volume, 'organ-rel.' the slice at its relative position in the organ's "
               "range (uses labels: an upper bound on correspondence).", "",
               "REFERENCE.md (48 pairs): " + "; ".join(f"{k} {v}" for k, v in result["reference"].items()), "",

@@ -10,8 +10,8 @@ import torch
 from augment.appearance import HistogramAppearance
 from augment.manifest import LeakageError
 from augment.pairs import PairError
-from augment.registration import (Registration, RegistrationConfig, RegistrationModel, compose_affine, folded_share,
-                                  load_registration, train_registration)
+from augment.registration import (Registration, RegistrationConfig, RegistrationModel, compose_affine, fit_z_map,
+                                  folded_share, load_registration, map_slice, train_registration)
 from augment.warped_pairs import PairChecks, learned_pairs, oracle_pairs, pair_problem, warp_pair
 from segment.phantom import phantom_volume
 from segment.protocol import ep1_support_indices
@@ -200,3 +200,21 @@ def test_oracle_pairs_pick_the_ep1_relative_positions():
     assert info["skipped"] == [{"volume": 3, "why": "class absent"}] or all(s["volume"] == 3 for s in info["skipped"])
     with pytest.raises(PairError, match=r"only 9 slices available from 4 volumes"):
         oracle_pairs(images, labels, 10, seed=0)
+
+
+def test_z_map_recovers_a_known_slice_shift():
+    image, _ = phantom_volume(0, 1, size=RES, depth=16)
+    support = torch.from_numpy((image - image.mean()) / image.std())
+    target = torch.cat([support[-3:], support[:-3]])  # target slice z + 3 shows support slice z (z < 13)
+    z_map = fit_z_map(support, target)
+    assert (z_map["slope"], z_map["offset"]) == pytest.approx((1.0, 3.0), abs=0.03)
+    assert list(map_slice(z_map, 5, 16, 1)) == [7, 8, 9] and list(map_slice(z_map, 14, 16, 1)) == [15]
+
+
+def test_support_volume_without_slices_is_refused():
+    model = FixedRegistration(_translation(0, 0))
+    mask = _square_mask(10, 12)[None, None]
+    with pytest.raises(PairError, match=r"support_volume and support_slices go together, one slice index per support "
+                                        r"\(1\), got None"):
+        learned_pairs(mask, mask, {"a": np.zeros((2, RES, RES), np.float32)}, model, None, 1, 0,
+                      support_volume=np.zeros((4, RES, RES), np.float32))

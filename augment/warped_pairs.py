@@ -2,8 +2,8 @@
 
 `learned_pairs` (Zhao et al. 2019): each support slice is registered onto every unlabelled volume
 (`augment.registration`: the model finds the corresponding slice itself); the support image AND its
-mask are warped by the same field, so the pair is consistent by construction (image bilinear, border
-padding; mask bilinear, then > 0.5). Then another subject's appearance is applied (`augment.appearance`).
+mask are warped by the same field, so the pair is consistent by construction (image bilinear, filled
+with its minimum outside the field of view; mask bilinear, then > 0.5). Then another subject's appearance is applied (`augment.appearance`).
 Every candidate passes label-free checks before use, recorded in `info["candidates"]`:
   - the field is smooth and invertible: share of pixels with Jacobian determinant <= 0 at most
     `max_folded_share`;
@@ -52,8 +52,11 @@ class PairChecks:
 
 
 def warp_pair(image: torch.Tensor, mask: torch.Tensor, ddf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Warp `image` and `mask` `(H, W)` by one field `ddf` `(2, H, W)`: the pair stays consistent."""
-    img = Warp(mode="bilinear", padding_mode="border")(image[None, None], ddf[None])[0, 0]
+    """Warp `image` and `mask` `(H, W)` by one field `ddf` `(2, H, W)`: the pair stays consistent.
+
+    Outside the support's field of view the image is filled with its minimum (MRI air), not smeared."""
+    low = image.min()
+    img = Warp(mode="bilinear", padding_mode="zeros")((image - low)[None, None], ddf[None])[0, 0] + low
     soft = Warp(mode="bilinear", padding_mode="zeros")(mask[None, None].float(), ddf[None])[0, 0]
     return img, (soft > 0.5).float()
 

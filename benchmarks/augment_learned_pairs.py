@@ -20,6 +20,7 @@ Writes benchmarks/results/augment_learned_pairs{_tag}.json and .md and learned_p
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
@@ -58,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--steps", type=int, default=300, help="registration training steps")
     p.add_argument("--pool", type=int, default=256, help="registration training slice pairs")
+    p.add_argument("--bending-weight", type=float, default=1.0, help="BendingEnergyLoss weight of the registration")
     p.add_argument("--n", type=int, default=12, help="pairs per class")
     p.add_argument("--correspondence", choices=["volume", "slice"], default="volume",
                    help="volume: one z line fitted between whole volumes (fit_z_map); slice: best slice per volume")
@@ -94,12 +96,16 @@ def registration_config(args) -> RegistrationConfig:
     if args.phantom:
         return RegistrationConfig(resolution=64, channels=(8, 16, 16, 16), final_channels=(8,), steps=40,
                                   pool_size=32, seed=args.seed)
-    return RegistrationConfig(resolution=args.resolution, steps=args.steps, pool_size=args.pool, seed=args.seed)
+    return RegistrationConfig(resolution=args.resolution, steps=args.steps, pool_size=args.pool, seed=args.seed,
+                              bending_weight=args.bending_weight)
 
 
 def get_model(args, data, fold, config):
     """Train (or reuse) the fold's registration model; returns (model, seconds, checkpoint folder)."""
-    out = Path(args.runs) / f"{data.spec.name}-{data.key}" / f"fold{fold.index}" / "registration"
+    changed = {k: v for k, v in asdict(config).items() if v != getattr(RegistrationConfig, k)}
+    name = "registration" + ("-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+                              if changed else "")
+    out = Path(args.runs) / f"{data.spec.name}-{data.key}" / f"fold{fold.index}" / name
     meta = out / "config.json"
     t0 = time.time()
     if args.phantom or args.retrain or not meta.is_file() or json.loads(meta.read_text())["config"] != json.loads(

@@ -54,8 +54,8 @@ class RegistrationConfig:
     final_channels: tuple[int, ...] = (16,)
     integration_steps: int = 7                      # scaling and squaring; 0 = plain displacement field
     lncc_kernel: int = 9
-    bending_weight: float = 1.0                     # BendingEnergyLoss weight (field in pixels)
-    steps: int = 300
+    bending_weight: float = 0.1                     # BendingEnergyLoss weight (field in pixels); 0.1 beat 1.0 on
+    steps: int = 400                                # the training volumes' label accuracy (38.6 vs 35.9, CHAOS fold 0)
     batch_size: int = 8
     lr: float = 1e-3
     pool_size: int = 256                            # training slice pairs matched once before training

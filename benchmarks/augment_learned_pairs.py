@@ -57,9 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--phantom", action="store_true", help="quick mode: 10 phantom volumes at 64 px, tiny model")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--resolution", type=int, default=128)
-    p.add_argument("--steps", type=int, default=300, help="registration training steps")
+    p.add_argument("--steps", type=int, default=400, help="registration training steps")
     p.add_argument("--pool", type=int, default=256, help="registration training slice pairs")
-    p.add_argument("--bending-weight", type=float, default=1.0, help="BendingEnergyLoss weight of the registration")
+    p.add_argument("--bending-weight", type=float, default=0.1, help="BendingEnergyLoss weight of the registration")
     p.add_argument("--n", type=int, default=12, help="pairs per class")
     p.add_argument("--correspondence", choices=["volume", "slice"], default="volume",
                    help="volume: one z line fitted between whole volumes (fit_z_map); slice: best slice per volume")

@@ -145,7 +145,7 @@ def learned_pairs(support_images: ArrayLike, support_masks: ArrayLike, unlabelle
     that also measure the candidates.
     """
     images, masks = as_pairs((support_images, support_masks), "support")
-    model.check_size(*images.shape[-2:], "the support pairs")
+    model.check_size(*images.shape[-2:], "support pair 0")
     if n < 1:
         raise PairError(f"n must be >= 1, got {n}")
     volumes = _volumes(unlabelled_volumes)

@@ -147,7 +147,7 @@ def test_support_at_another_resolution_fails_naming_it():
     model = FixedRegistration(_translation(0, 0))
     mask = torch.zeros(1, 1, 64, 64)
     mask[..., 10:20, 10:20] = 1
-    with pytest.raises(PairError, match=r"the support pairs is 64x64, but the registration model was trained at 32x32"):
+    with pytest.raises(PairError, match=r"support pair 0 is 64x64, but the registration model was trained at 32x32"):
         learned_pairs(mask, mask, {"a": np.zeros((2, 64, 64), np.float32)}, model, None, 1, 0)
 
 

@@ -298,7 +298,7 @@ def evaluate_stage(cfg, data, fold, seed, model, arm, protocol, tuned, bases, sy
         panels: list[dict] = []
         res = evaluate(None, data, [fold], classes=classes, protocol=protocol, predictor_for_fold=predictor_for,
                        dice_grid=grid, on_prediction=_overlay_hook(panels, cfg.run.overlays, {}, data))
-        rows = [{"protocol": protocol, "model": model, "arm": arm.name, "class": c, "fold": fold.index, "seed": seed,
+        rows = [{"protocol": protocol, "model": model, "arm": arm.name, "role": arm.role, "class": c, "fold": fold.index, "seed": seed,
                  "query": q, "dice": d, "dice_post": row["dice_post"][c][q]}
                 for row in res["folds"] for c, per_q in row["dice"].items() for q, d in per_q.items()]
         (folder / "rows.json").write_text(json.dumps({"rows": rows, "skipped": res["skipped"], "dice_grid": grid,
@@ -311,7 +311,7 @@ def evaluate_stage(cfg, data, fold, seed, model, arm, protocol, tuned, bases, sy
     inputs = {"data": data.key, **{f"tuned/{c}": k for c, (_, k) in tuned.items()},
               **({f"synth/{c}/{s}": k for c, per in synth.items() for s, (_, k) in per.items()} if at_test else {}),
               **({f"base/{c}": k for c, (_, k) in bases.items()} if at_test and cfg.synthesis.filter_dice > 0 else {})}
-    config = {"protocol": protocol, "classes": list(classes), "at_test": at_test,
+    config = {"arm": arm.name, "role": arm.role, "protocol": protocol, "classes": list(classes), "at_test": at_test,
               "max_test_supports": cfg.synthesis.max_test_supports, "dice_grid": grid, "dice_post": True,
               "filter_dice": cfg.synthesis.filter_dice if at_test else 0.0,
               "overlays": cfg.run.overlays}

@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from augment.registry import CLASSICAL, GENERATORS  # torch-free: the models load only to train or sample
 from segment.config import MODELS, PROTOCOLS, RESOLUTIONS, SETTINGS  # torch-free: loading a config imports no torch
-
-CLASSICAL = "classical"
 ROLES = ("baseline", "control", "augmented", "diagnostic")  # what an arm is for in the tests; its name is a label
 
 
@@ -340,10 +339,9 @@ def _check_phantom_keys(data: dict) -> None:
 
 def _check_stage_sections(raw: dict, source: str) -> None:
     """[segment] and [generators.NAME] against the stages' own config dataclasses."""
-    from augment.config import DDPMConfig, GANConfig
     from segment.config import SegmenterConfig
 
-    kinds = {"ddpm": DDPMConfig, "gan": GANConfig}
+    kinds = {name: gen.config for name, gen in GENERATORS.items()}
     runner_owned = {"model", "resolution", "seed", "cpu"}  # set per stage run from [data], [protocol], [run]
     sections = [("segment", SegmenterConfig, raw.get("segment", {}))]
     for name, table in raw.get("generators", {}).items():

@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from pipelines.config import ConfigError, ExperimentConfig, RunConfig
 from pipelines.stages.base import StageEntry
-from segment.protocol import Fold
-from segment.slices import PreparedData
+from segment.data.protocol import Fold
+from segment.data.slices import PreparedData
 
 UnitResult = tuple[list[dict], list[dict], dict]  # Dice rows, stage records, artifact paths for the report
 LOG_TAIL_LINES = 20

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from pipelines.config import ROLES  # noqa: E402
 from pipelines.stats import ALL, arm_roles, paired_tests, summarise  # noqa: E402
-from segment.volumes import DataError  # noqa: E402
+from segment.data.volumes import DataError  # noqa: E402
 
 DICE_GRIDS = ("native", "working")
 REQUIRED_ROW_FIELDS = ("protocol", "model", "arm", "role", "class", "fold", "seed", "query", "dice")

@@ -28,12 +28,12 @@ from pipelines.executors import EXECUTORS, UnitArgs, check_backend
 from pipelines.stages.base import NotCached, StageEntry, StageRunner, log_record, stage_classes
 from pipelines.stages.report import provenance, publish
 from pipelines.stages.unit import report_stage, run_unit, superpixel_stage
-from segment.integrity import relative, write_atomically
-from segment.phantom import PHANTOM_VERSION, write_phantom
-from segment.protocol import Fold, make_folds
-from segment.slices import PreparedData, prepare
-from segment.superpixels import superpixel_folder
-from segment.volumes import resolve_spec
+from segment.data.integrity import relative, write_atomically
+from segment.data.phantom import PHANTOM_VERSION, write_phantom
+from segment.data.protocol import Fold, make_folds
+from segment.data.slices import PreparedData, prepare
+from segment.data.superpixels import superpixel_folder
+from segment.data.volumes import resolve_spec
 
 STAGES = ("prepare", *stage_classes())  # what --force accepts; a stage's version lives on its class
 

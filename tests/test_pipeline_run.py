@@ -175,7 +175,7 @@ def test_missing_data_folder_exits_2(phantom_dir, tmp_path, capsys):
 
 def test_cache_ls_and_gc(first_run, phantom_dir, tmp_path, capsys):
     from pipelines.cache import StageCache
-    from segment.integrity import lock
+    from segment.data.integrity import lock
     tmp, cache, _ = first_run
     copy = Path(shutil.copytree(cache, tmp_path / "cache"))  # gc must not disturb the other tests' cache
     assert main(["cache", "ls", "--cache", str(copy)]) == 0
@@ -267,7 +267,7 @@ def test_mask_consistency_filter_keeps_only_pairs_the_real_segmenter_recovers(fi
     _, cache, _ = first_run
     from pipelines.stages.base import StageEntry
     from pipelines.stages.inputs import synthetic_pairs
-    from segment.protocol import make_folds
+    from segment.data.protocol import make_folds
     # the first run was at resolution 32 on the same phantom, like the session's prepared data
     fold = make_folds(phantom_data.ids, phantom_data.spec.n_folds)[0]
     base = StageEntry(next((cache / "stages" / "segmenter").glob("*/model.pt")).parent, "k")

@@ -16,8 +16,8 @@ from pipelines.stages.report import Report
 from pipelines.stages.segmenters import Finetune, Segmenter
 from pipelines.stages.synthesis import Quality, Synthesis
 from segment.config import SegmenterConfig, SuperpixelParams
-from segment.protocol import Fold
-from segment.slices import PreparedData
+from segment.data.protocol import Fold
+from segment.data.slices import PreparedData
 
 DATA = PreparedData(spec=None, resolution=32, volumes=(), key="data-1", path=Path("slices"), source=Path("data"))
 FOLD = Fold(index=0, support="1", queries=("2", "3"), train=("4", "5"))

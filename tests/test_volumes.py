@@ -6,8 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from segment.slices import prepare
-from segment.volumes import DataError, builtin_specs, load_raw_volume, load_spec
+from segment.data.slices import prepare
+from segment.data.volumes import DataError, builtin_specs, load_raw_volume, load_spec
 
 
 def _cache_is_empty(cache) -> bool:

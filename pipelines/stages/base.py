@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pipelines.cache import StageCache
-from segment.slices import PreparedData
+from segment.data.slices import PreparedData
 
 KEYED = "keyed"  # field metadata: False for a context field, left out of the key
 

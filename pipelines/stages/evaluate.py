@@ -12,8 +12,8 @@ import torch
 
 from pipelines.stages.base import Stage, StageEntry
 from pipelines.stages.inputs import synthetic_pairs
-from segment.protocol import Fold, evaluate
-from segment.slices import PreparedData
+from segment.data.protocol import Fold, evaluate
+from segment.data.slices import PreparedData
 
 
 def _to_shape(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -51,7 +51,7 @@ class Evaluate(Stage):
 
     Rows carry the arm's name and role, `dice` (native label grid, no post-processing: the headline) and
     `dice_post` (the same prediction after the largest 3D component of each query volume); see
-    `segment.protocol`. Arms with identical settings but different names have entries of their own.
+    `segment.data.protocol`. Arms with identical settings but different names have entries of their own.
     """
 
     name: ClassVar[str] = "evaluate"

@@ -17,8 +17,8 @@ from augment.training import CHECKPOINT_FILE
 from pipelines.stages.base import Stage, StageEntry, context
 from pipelines.stages.inputs import support_pairs
 from segment.config import SuperpixelParams
-from segment.protocol import Fold, training_slice_mask
-from segment.slices import PreparedData
+from segment.data.protocol import Fold, training_slice_mask
+from segment.data.slices import PreparedData
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,7 +36,7 @@ class Superpixels(Stage):
         return self.data.spec.name
 
     def produce(self, folder: Path) -> None:
-        from segment.superpixels import superpixels
+        from segment.data.superpixels import superpixels
         maps = superpixels(self.data, params=self.params, cache_dir=self.cache_dir)
         (folder / "volumes.json").write_text(json.dumps({v: int(m.max()) for v, m in maps.items()}))
 
@@ -44,7 +44,7 @@ class Superpixels(Stage):
 def pretrain_pairs(data: PreparedData, fold: Fold, excluded: tuple[int, ...], setting: int, params: SuperpixelParams,
                    cache_dir: str, seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], list[tuple[str, int]]]:
     """Unlabelled pool of a fold: each allowed training slice with one random superpixel as its mask."""
-    from segment.superpixels import superpixels
+    from segment.data.superpixels import superpixels
     maps = superpixels(data, params=params, cache_dir=cache_dir, volume_ids=fold.train)
     rng = np.random.default_rng(seed)
     images, masks, used = [], [], []

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from pipelines.stages.base import StageEntry
-from segment.protocol import Fold, ep1_support_indices, excluded_class_ids
-from segment.slices import PreparedData
+from segment.data.protocol import Fold, ep1_support_indices, excluded_class_ids
+from segment.data.slices import PreparedData
 
 
 def exclusion_sets(data: PreparedData, classes: tuple[str, ...], setting: int) -> dict[str, tuple[int, ...]]:

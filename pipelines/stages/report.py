@@ -16,9 +16,9 @@ import numpy as np
 from pipelines.stages.base import Stage, StageEntry
 from pipelines.stages.evaluate import EvalRef
 from pipelines.stages.inputs import support_pairs
-from segment.protocol import Fold
-from segment.slices import PreparedData
-from segment.volumes import DataError
+from segment.data.protocol import Fold
+from segment.data.slices import PreparedData
+from segment.data.volumes import DataError
 
 
 def code_commit(root: Path = Path(__file__).resolve().parents[2]) -> dict:

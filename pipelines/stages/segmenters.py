@@ -12,8 +12,8 @@ import torch
 from pipelines.stages.base import Stage, StageEntry, context
 from pipelines.stages.inputs import support_pairs, synthetic_pairs
 from segment.config import SegmenterConfig
-from segment.protocol import Fold
-from segment.slices import PreparedData
+from segment.data.protocol import Fold
+from segment.data.slices import PreparedData
 
 
 @dataclass(frozen=True, kw_only=True)

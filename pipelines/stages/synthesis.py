@@ -13,8 +13,8 @@ from augment.registry import CLASSICAL
 from augment.training import CHECKPOINT_FILE
 from pipelines.stages.base import Stage, StageEntry
 from pipelines.stages.inputs import support_pairs
-from segment.protocol import Fold
-from segment.slices import PreparedData
+from segment.data.protocol import Fold
+from segment.data.slices import PreparedData
 
 
 @dataclass(frozen=True, kw_only=True)

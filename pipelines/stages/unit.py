@@ -26,8 +26,8 @@ from pipelines.stages.report import Report, provenance
 from pipelines.stages.segmenters import Finetune, Segmenter
 from pipelines.stages.synthesis import Quality, Synthesis
 from segment.config import SegmenterConfig, SuperpixelParams
-from segment.protocol import Fold, make_folds
-from segment.slices import PreparedData
+from segment.data.protocol import Fold, make_folds
+from segment.data.slices import PreparedData
 
 
 @dataclass(frozen=True)

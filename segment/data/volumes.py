@@ -2,7 +2,7 @@
 
 A `DatasetSpec` says where a dataset's files are, which raw label values are which class, how to
 normalise intensities and how to form folds. Specs for the benchmark datasets ship with the package
-(`segment/specs/*.toml`); users describe their own data in a TOML file of the same form.
+(`segment/data/specs/*.toml`); users describe their own data in a TOML file of the same form.
 Every problem with the files raises `DataError` naming the file and what was wrong.
 """
 

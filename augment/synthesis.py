@@ -130,8 +130,10 @@ def load_set(path: Path) -> SyntheticSet:
     return SyntheticSet(images, masks, json.loads((path / "manifest.json").read_text()))
 
 
-def save_grid(rows: dict[str, tuple], path: Path, *, n: int = 8, title: str = "") -> Path:
-    """PNG grid: one row per named `(images, masks)` (or `SyntheticSet`), mask outline drawn in red."""
+def save_grid(rows: dict[str, tuple], path: Path, *, n: int = 8, title: str = "",
+              flips: tuple[bool, bool] = (False, False)) -> Path:
+    """PNG grid: one row per named `(images, masks)` (or `SyntheticSet`), mask outline drawn in red.
+    `flips` (rows, columns) turns the slices for display only, e.g. to radiological orientation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -144,8 +146,9 @@ def save_grid(rows: dict[str, tuple], path: Path, *, n: int = 8, title: str = ""
             ax.axis("off")
             if c >= len(images):
                 continue
-            ax.imshow(np.asarray(images[c, 0], np.float32), cmap="gray")
-            ax.contour(np.asarray(masks[c, 0], np.float32), levels=[0.5], colors="red", linewidths=0.7)
+            rows_, cols_ = (slice(None, None, -1 if f else 1) for f in flips)
+            ax.imshow(np.asarray(images[c, 0], np.float32)[rows_, cols_], cmap="gray")
+            ax.contour(np.asarray(masks[c, 0], np.float32)[rows_, cols_], levels=[0.5], colors="red", linewidths=0.7)
         axes[r, 0].set_title(name, fontsize=8, loc="left")
     if title:
         fig.suptitle(title, fontsize=9)

@@ -51,8 +51,15 @@ def dice_chart(summary: list[dict], protocol: str, path: Path, *, arms: list[str
     plt.close(fig)
 
 
-def overlay_figure(panels: list[dict], path: Path, *, cols: int) -> None:
-    """A grid of query slices (a row per arm, a column per class): truth outlined green, prediction red."""
+def oriented(image: np.ndarray, flips: tuple[bool, bool]) -> np.ndarray:
+    """A slice `(H, W)` flipped for display (rows, columns); see `segment.data.volumes.radiological_flips`."""
+    image = np.asarray(image)
+    return image[::-1 if flips[0] else 1, ::-1 if flips[1] else 1]
+
+
+def overlay_figure(panels: list[dict], path: Path, *, cols: int, flips: tuple[bool, bool] = (False, False)) -> None:
+    """A grid of query slices (a row per arm, a column per class): truth outlined green, prediction red;
+    `flips` turns the stored slices to radiological orientation for display only."""
     n = len(panels)
     if not n:
         return
@@ -62,11 +69,11 @@ def overlay_figure(panels: list[dict], path: Path, *, cols: int) -> None:
     for ax in axes.ravel():
         ax.axis("off")
     for ax, p in zip(axes.ravel(), panels):
-        ax.imshow(p["image"], cmap="gray")
+        ax.imshow(oriented(p["image"], flips), cmap="gray")
         if p["truth"].any():
-            ax.contour(p["truth"], levels=[0.5], colors="lime", linewidths=0.8)
+            ax.contour(oriented(p["truth"], flips), levels=[0.5], colors="lime", linewidths=0.8)
         if p["pred"].any():
-            ax.contour(p["pred"], levels=[0.5], colors="red", linewidths=0.8)
+            ax.contour(oriented(p["pred"], flips), levels=[0.5], colors="red", linewidths=0.8)
         ax.set_title(p["title"], fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

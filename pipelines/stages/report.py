@@ -114,6 +114,7 @@ class Report(Stage):
     units: tuple[tuple[int, int], ...]
     failed_units: tuple[dict, ...] = ()
     provenance: dict[str, Any] = field(default_factory=dict)  # commit and device of the run that wrote it
+    flips: tuple[bool, bool] = (False, False)  # display only: slices shown in radiological orientation
 
     @property
     def label(self) -> str:
@@ -128,13 +129,14 @@ class Report(Stage):
                 name = f"overlays_{model}_{protocol}.png"
                 classes = list(dict.fromkeys(r["class"] for r in self.rows))
                 report.overlay_figure(overlay_panels(self.evals, model, protocol), folder / name,
-                                      cols=len(classes) * self.overlays)
+                                      cols=len(classes) * self.overlays, flips=self.flips)
                 figures[f"Query overlays, {model}, {protocol}: truth green, prediction red"] = name
         for c, sets in self.pairs.items():
             images, masks, _ = support_pairs(self.data, self.first_fold, c)
             grid = {"real supports": (images, masks)} | {s: load_set(e.path / "set") for s, e in sets.items()}
             name = f"pairs_{c}.png"
-            save_grid(grid, folder / name, title=f"{c}: real supports and synthetic pairs (fold {self.first_fold.index})")
+            save_grid(grid, folder / name, title=f"{c}: real supports and synthetic pairs (fold {self.first_fold.index})",
+                      flips=self.flips)
             figures[f"Synthetic pairs, {c}"] = name
         context = {"experiment": self.experiment, "dataset": self.data.spec.to_dict(), "data": str(self.data.source),
                    "data_key": self.data.key, "resolution": self.data.resolution, "config": self.config,

@@ -22,13 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from augment import ddpm, gan
 from augment.manifest import Provenance, SliceRef, validate_manifest  # noqa: F401 (re-exported)
 from augment.masks import DeformConfig, classical_pairs, deform_masks
 from augment.pairs import PairError, as_pairs
+from augment.registry import generator
 from augment.training import load_checkpoint
-
-SAMPLE_FNS = {ddpm.KIND: ddpm.sample, gan.KIND: gan.sample}
 
 
 @dataclass(frozen=True)
@@ -55,12 +53,14 @@ def _jsonable(manifest: dict) -> dict:
 
 
 def synthesize(checkpoint: Path, support_images, support_masks, support_ids: Sequence[SliceRef], *, n: int,
-               seed: int, steps: int | None = None, sampler: str | None = None,
-               deform: DeformConfig = DeformConfig(), query_volumes: Sequence[str] = ()) -> SyntheticSet:
+               seed: int, deform: DeformConfig = DeformConfig(), query_volumes: Sequence[str] = (),
+               **sampling) -> SyntheticSet:
     """`n` synthetic pairs for one class: deform the support masks, then sample an image for each.
 
     `support_*` are the class's real support pairs `(S, 1, R, R)` and their (volume, slice) ids;
-    `query_volumes` are the fold's queries, checked against everything the generator and this set used.
+    `query_volumes` are the fold's queries, checked against everything the generator and this set used;
+    `sampling` holds the generator's sampling keywords (`augment.registry`, e.g. `steps`, `sampler`), which
+    default to those in its checkpoint.
     """
     # 1. check inputs and provenance before any work
     images, masks = as_pairs((support_images, support_masks), "support", resolution=None)
@@ -76,14 +76,12 @@ def synthesize(checkpoint: Path, support_images, support_masks, support_ids: Seq
     # 2. new masks from the real support masks  (n, 1, R, R)
     new_masks, source, dropped = deform_masks(masks, n, config=deform, seed=seed)
     # 3. an image for every mask
-    kwargs = {"sampler": sampler} if ckpt["kind"] == ddpm.KIND else {}
-    syn_images, syn_masks = SAMPLE_FNS[ckpt["kind"]](ckpt, new_masks, seed=seed, steps=steps, **kwargs)
+    source_gen = generator(ckpt["kind"])
+    syn_images, syn_masks = source_gen.sample(ckpt, new_masks, seed=seed, **sampling)
     joint = bool(ckpt["config"].get("joint", False))
-    if ckpt["kind"] == ddpm.KIND:
-        manifest["sampler"] = sampler or ckpt["config"]["sampler"]
-        manifest["steps"] = steps or ckpt["config"]["sample_steps"]
-    else:
-        manifest["sampler"], manifest["steps"] = "generator forward", 1
+    used = {keyword: sampling.get(keyword) or ckpt["config"][field] for field, keyword in source_gen.sampling}
+    manifest["sampler"] = used.get("sampler", "generator forward")
+    manifest["steps"] = used.get("steps", 1)
     manifest["source"] = [None if joint else dataclasses.asdict(refs[s]) for s in source]
     manifest["dropped_fragments"] = dropped.tolist()
     return SyntheticSet(syn_images.float(), syn_masks.float(), _jsonable(manifest))
@@ -132,8 +130,10 @@ def load_set(path: Path) -> SyntheticSet:
     return SyntheticSet(images, masks, json.loads((path / "manifest.json").read_text()))
 
 
-def save_grid(rows: dict[str, tuple], path: Path, *, n: int = 8, title: str = "") -> Path:
-    """PNG grid: one row per named `(images, masks)` (or `SyntheticSet`), mask outline drawn in red."""
+def save_grid(rows: dict[str, tuple], path: Path, *, n: int = 8, title: str = "",
+              flips: tuple[bool, bool] = (False, False)) -> Path:
+    """PNG grid: one row per named `(images, masks)` (or `SyntheticSet`), mask outline drawn in red.
+    `flips` (rows, columns) turns the slices for display only, e.g. to radiological orientation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -146,8 +146,9 @@ def save_grid(rows: dict[str, tuple], path: Path, *, n: int = 8, title: str = ""
             ax.axis("off")
             if c >= len(images):
                 continue
-            ax.imshow(np.asarray(images[c, 0], np.float32), cmap="gray")
-            ax.contour(np.asarray(masks[c, 0], np.float32), levels=[0.5], colors="red", linewidths=0.7)
+            rows_, cols_ = (slice(None, None, -1 if f else 1) for f in flips)
+            ax.imshow(np.asarray(images[c, 0], np.float32)[rows_, cols_], cmap="gray")
+            ax.contour(np.asarray(masks[c, 0], np.float32)[rows_, cols_], levels=[0.5], colors="red", linewidths=0.7)
         axes[r, 0].set_title(name, fontsize=8, loc="left")
     if title:
         fig.suptitle(title, fontsize=9)

@@ -43,10 +43,10 @@ from augment.quality import (EncoderConfig, feature_frechet_distance, intensity_
                              mask_consistency, nearest_neighbour_distance, train_feature_encoder)
 from augment.synthesis import classical_set, save_grid, synthesize, validate_manifest  # noqa: E402
 from augment.training import file_hash  # noqa: E402
-from segment.protocol import ep1_support_indices, make_folds  # noqa: E402
-from segment.slices import prepare  # noqa: E402
-from segment.superpixels import superpixels  # noqa: E402
-from segment.volumes import load_spec  # noqa: E402
+from segment.data.protocol import ep1_support_indices, make_folds  # noqa: E402
+from segment.data.slices import prepare  # noqa: E402
+from segment.data.superpixels import superpixels  # noqa: E402
+from segment.data.volumes import load_spec  # noqa: E402
 
 ORGANS = ("liver", "right_kidney", "left_kidney", "spleen")
 PROFILES = {  # name -> (resolution, DDPM overrides, GAN overrides)

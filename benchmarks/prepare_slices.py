@@ -1,6 +1,6 @@
 """Benchmark for issue 2: slice preparation of a dataset, cold (empty cache) and warm (cache read).
 
-Times `segment.slices.prepare` in-process, and the whole `supportforge prepare` command (Python and torch
+Times `segment.data.slices.prepare` in-process, and the whole `supportforge prepare` command (Python and torch
 start-up included) for the warm case. Writes benchmarks/results/prepare_slices.json and .md.
 
     .venv/bin/python benchmarks/prepare_slices.py --data ../shared/data/chaos_t2 --spec abd_mri
@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from segment.slices import prepare  # noqa: E402
-from segment.volumes import resolve_spec  # noqa: E402
+from segment.data.slices import prepare  # noqa: E402
+from segment.data.volumes import resolve_spec  # noqa: E402
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Benchmark: both few-shot segmenters on any dataset spec, Settings 1 and 2, EP1 and EP2, 1-shot.
 
 For each setting, model and fold it trains on the fold's training volumes only, then scores EP1 and EP2
-with the protocol's evaluator (`segment.protocol`: Dice on the label files' native grid by default; the
+with the protocol's evaluator (`segment.data.protocol`: Dice on the label files' native grid by default; the
 headline `mean` has no post-processing, `mean_post` keeps the largest 3D component of each query
 volume). Which classes share one trained model: Setting 1 without supervised episodes: one model per
 fold for every class (no label is used); Setting 2: one model per fold and class group, because its
@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from segment.predict import make_predictor  # noqa: E402
-from segment.protocol import GRIDS, PROTOCOLS, SETTINGS, evaluate, make_folds  # noqa: E402
-from segment.slices import prepare  # noqa: E402
-from segment.superpixels import superpixels  # noqa: E402
+from segment.data.protocol import GRIDS, PROTOCOLS, SETTINGS, evaluate, make_folds  # noqa: E402
+from segment.data.slices import prepare  # noqa: E402
+from segment.data.superpixels import superpixels  # noqa: E402
 from segment.train import SegmenterConfig, load, train  # noqa: E402
-from segment.volumes import load_spec  # noqa: E402
+from segment.data.volumes import load_spec  # noqa: E402
 
 # Published 1-shot EP1 Dice (%), as the papers report them (not re-run), per (spec, setting).
 PUBLISHED = {

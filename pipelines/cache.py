@@ -3,7 +3,7 @@
 An entry lives at `ROOT/stages/STAGE/KEY/`, where KEY hashes the stage name, the stage's code version,
 the exact config subset it reads and the keys of its inputs. An entry is produced in a temporary folder
 and renamed into place only once complete, with `stage.json` written last inside it, recording the size
-and SHA-256 of every file (`segment.integrity.write_atomically`); a run killed at any moment leaves only
+and SHA-256 of every file (`segment.data.integrity.write_atomically`); a run killed at any moment leaves only
 a `.tmp-*` folder that nothing trusts and `gc` removes. One lock per entry makes a second run wait for
 the first instead of writing the same entry twice.
 
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from segment.integrity import (LOCKS, QUARANTINE, hold, lock, problem, temporary_target,
+from segment.data.integrity import (LOCKS, QUARANTINE, hold, lock, problem, temporary_target,
                                write_atomically)
 
 MARKER = "stage.json"

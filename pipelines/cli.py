@@ -10,10 +10,10 @@ from pathlib import Path
 
 from pipelines.cache import StageCache
 from pipelines.config import ConfigError, load
-from segment.phantom import write_phantom
-from segment.protocol import GRIDS, PROTOCOLS, empty_predictor, evaluate, make_folds, oracle_predictor
-from segment.slices import prepare
-from segment.volumes import DataError, resolve_spec
+from segment.data.phantom import write_phantom
+from segment.data.protocol import GRIDS, PROTOCOLS, empty_predictor, evaluate, make_folds, oracle_predictor
+from segment.data.slices import prepare
+from segment.data.volumes import DataError, resolve_spec
 
 DEFAULT_CACHE = Path(".cache/supportforge")
 

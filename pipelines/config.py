@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from augment.registry import CLASSICAL, GENERATORS  # torch-free: the models load only to train or sample
 from segment.config import MODELS, PROTOCOLS, RESOLUTIONS, SETTINGS  # torch-free: loading a config imports no torch
-
-CLASSICAL = "classical"
+ROLES = ("baseline", "control", "augmented", "diagnostic")  # what an arm is for in the tests; its name is a label
 
 
 class ConfigError(ValueError):
@@ -91,6 +91,7 @@ class ProtocolConfig:
     folds: tuple[int, ...] | None = None  # None: every fold of the spec
     classes: tuple[str, ...] | None = None  # None: every class of the spec
     seeds: tuple[int, ...] = (0,)
+    diagnostic: bool = False  # a diagnostic run: arms with role = "diagnostic" (e.g. an oracle) are allowed
     postprocess: bool = True  # unused: evaluation rows always carry dice (headline, none) and dice_post (per-volume 3D LCC)
 
     def __post_init__(self) -> None:
@@ -131,10 +132,18 @@ class SynthesisConfig:
 @dataclass(frozen=True)
 class Arm:
     """One arm of the ablation: a named override of the base config. It names the sources of synthetic
-    pairs it adds to the real supports and may override how they enter (unset fields keep [synthesis])."""
+    pairs it adds to the real supports and may override how they enter (unset fields keep [synthesis]).
+
+    `role` says what the arm is for; the name is only a label. baseline: the real supports alone, which
+    every other arm is tested against (exactly one); control: an augmentation the generator arms must beat
+    (classical); augmented: an arm under test; diagnostic: an arm that is not an honest method (e.g. an
+    oracle), allowed only in a diagnostic run ([protocol] diagnostic = true). Left out in the TOML, the role
+    is inferred when the config is read (`infer_roles`), never later from the name.
+    """
 
     name: str
     sources: tuple[str, ...] = ()
+    role: str | None = None
     filter_dice: float | None = None
     in_training: bool | None = None
     at_test: bool | None = None
@@ -143,6 +152,11 @@ class Arm:
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("[[arms]] name = ''; every arm needs a name")
+        if self.role is not None and self.role not in ROLES:
+            raise ConfigError(f"[arms.{self.name}] role = {self.role!r}; valid roles are {list(ROLES)}")
+        if self.role == "baseline" and self.sources:
+            raise ConfigError(f"[arms.{self.name}] role = 'baseline' with sources = {list(self.sources)}; the "
+                              f"baseline uses the real supports alone: sources = []")
         _no_repeats(f"[arms.{self.name}] sources", self.sources)
         _check_pair_use(f"[arms.{self.name}]", self.filter_dice, self.max_test_supports)
 
@@ -210,11 +224,12 @@ class ExperimentConfig:
     segment: dict[str, Any] = field(default_factory=dict)  # overrides of the segmenter's training config
     generators: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> overrides of its config
     synthesis: SynthesisConfig = SynthesisConfig()
-    arms: tuple[Arm, ...] = (Arm("real-only"),)
+    arms: tuple[Arm, ...] = (Arm("real-only", role="baseline"),)
     run: RunConfig = RunConfig()
 
     def __post_init__(self) -> None:
         _no_repeats("models", self.models)
+        check_roles(self.arms, diagnostic=self.protocol.diagnostic)
         if self.data.path is None:
             return
         data = Path(self.data.path).resolve()
@@ -285,6 +300,7 @@ def parse(raw: dict, *, source: str = "config") -> ExperimentConfig:
     _check_stage_sections(raw, source)
     arms = tuple(build(Arm, a, f"arms.{a.get('name', i)}") for i, a in enumerate(raw.get("arms", [{"name": "real-only"}])))
     _check_arms(arms, generators, source)
+    arms = infer_roles(arms, source)
     return ExperimentConfig(
         name=str(raw.get("name", Path(source).stem)), data=build(DataConfig, raw["data"], "data"),
         protocol=build(ProtocolConfig, raw.get("protocol", {}), "protocol"), models=models,
@@ -323,10 +339,9 @@ def _check_phantom_keys(data: dict) -> None:
 
 def _check_stage_sections(raw: dict, source: str) -> None:
     """[segment] and [generators.NAME] against the stages' own config dataclasses."""
-    from augment.config import DDPMConfig, GANConfig
     from segment.config import SegmenterConfig
 
-    kinds = {"ddpm": DDPMConfig, "gan": GANConfig}
+    kinds = {name: gen.config for name, gen in GENERATORS.items()}
     runner_owned = {"model", "resolution", "seed", "cpu"}  # set per stage run from [data], [protocol], [run]
     sections = [("segment", SegmenterConfig, raw.get("segment", {}))]
     for name, table in raw.get("generators", {}).items():
@@ -341,12 +356,50 @@ def _check_stage_sections(raw: dict, source: str) -> None:
         build(cls, table, section)
 
 
+def infer_roles(arms: tuple[Arm, ...], source: str = "config") -> tuple[Arm, ...]:
+    """Every arm with its role: the TOML's where given, else inferred here, once, from the sources.
+
+    No sources: baseline, if no other arm is (or may become) the baseline; sources = ["classical"]: control;
+    anything else: augmented. Two arms without sources and without roles are ambiguous: the error asks
+    for roles instead of guessing by name.
+    """
+    given = [a for a in arms if a.role == "baseline"]
+    bare = [a for a in arms if a.role is None and not a.sources]
+    if not given and len(bare) > 1:
+        raise ConfigError(f"{source}: arms {[a.name for a in bare]} have no sources and no role; say which one "
+                          f"is the baseline: role = \"baseline\" (roles: {list(ROLES)})")
+
+    def role(arm: Arm) -> str:
+        if arm.role is not None:
+            return arm.role
+        if not arm.sources:
+            return "augmented" if given else "baseline"
+        return "control" if arm.sources == (CLASSICAL,) else "augmented"
+
+    return tuple(dataclasses.replace(a, role=role(a)) for a in arms)
+
+
+def check_roles(arms: tuple[Arm, ...], *, diagnostic: bool) -> None:
+    """Names are unique labels, exactly one arm is the baseline, and diagnostic arms only in diagnostic runs."""
+    names = [a.name for a in arms]
+    _no_repeats("arm names", tuple(names))
+    missing = [a.name for a in arms if a.role is None]
+    if missing:
+        raise ConfigError(f"arms {missing} have no role; give each one of {list(ROLES)}")
+    baselines = [a.name for a in arms if a.role == "baseline"]
+    if len(baselines) != 1:
+        raise ConfigError(f"arms: {len(baselines)} baseline arm(s) {baselines}; exactly one arm has role = "
+                          f"\"baseline\" (the real supports alone, sources = []): every gain is measured against it")
+    diagnostics = [a.name for a in arms if a.role == "diagnostic"]
+    if diagnostics and not diagnostic:
+        raise ConfigError(f"arms {diagnostics} have role = \"diagnostic\" outside a diagnostic run; set "
+                          f"[protocol] diagnostic = true, or give them another role")
+
+
 def _check_arms(arms: tuple[Arm, ...], generators: dict, source: str) -> None:
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: arm names repeat: {names}")
-    if not any(not a.sources for a in arms):
-        raise ConfigError(f"{source}: no real-only arm (an arm with sources = []); every gain is measured against it")
     known = (CLASSICAL, *sorted(generators))
     for arm in arms:
         for s in arm.sources:

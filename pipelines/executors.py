@@ -37,8 +37,9 @@ import submitit
 from tqdm import tqdm
 
 from pipelines.config import ConfigError, ExperimentConfig, RunConfig
-from segment.protocol import Fold
-from segment.slices import PreparedData
+from pipelines.stages.base import StageEntry
+from segment.data.protocol import Fold
+from segment.data.slices import PreparedData
 
 UnitResult = tuple[list[dict], list[dict], dict]  # Dice rows, stage records, artifact paths for the report
 LOG_TAIL_LINES = 20
@@ -51,7 +52,7 @@ class UnitArgs(NamedTuple):
     fold: Fold
     seed: int
     classes: tuple[str, ...]
-    sp_key: str
+    superpixels: StageEntry
     force: frozenset[str]
     out: str
 
@@ -203,7 +204,7 @@ def _finished(job: submitit.Job) -> bool:
 
 def _collect(unit: Callable[..., UnitResult], args: UnitArgs, records: Path, data: PreparedData) -> UnitResult | None:
     """A finished unit's rows read back from the stage cache; None when its job left the unit incomplete."""
-    from pipelines.runner import NotCached  # the runner imports this module
+    from pipelines.stages.base import NotCached
 
     try:
         rows, cached, extras = unit(*args._replace(force=frozenset()), data=data, cached_only=True)

@@ -20,11 +20,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pipelines.config import ROLES  # noqa: E402
 from pipelines.stats import ALL, arm_roles, paired_tests, summarise  # noqa: E402
-from segment.volumes import DataError  # noqa: E402
+from segment.data.volumes import DataError  # noqa: E402
 
 DICE_GRIDS = ("native", "working")
-REQUIRED_ROW_FIELDS = ("protocol", "model", "arm", "class", "fold", "seed", "query", "dice")
+REQUIRED_ROW_FIELDS = ("protocol", "model", "arm", "role", "class", "fold", "seed", "query", "dice")
 
 
 def dice_chart(summary: list[dict], protocol: str, path: Path, *, arms: list[str]) -> None:
@@ -50,8 +51,15 @@ def dice_chart(summary: list[dict], protocol: str, path: Path, *, arms: list[str
     plt.close(fig)
 
 
-def overlay_figure(panels: list[dict], path: Path, *, cols: int) -> None:
-    """A grid of query slices (a row per arm, a column per class): truth outlined green, prediction red."""
+def oriented(image: np.ndarray, flips: tuple[bool, bool]) -> np.ndarray:
+    """A slice `(H, W)` flipped for display (rows, columns); see `segment.data.volumes.radiological_flips`."""
+    image = np.asarray(image)
+    return image[::-1 if flips[0] else 1, ::-1 if flips[1] else 1]
+
+
+def overlay_figure(panels: list[dict], path: Path, *, cols: int, flips: tuple[bool, bool] = (False, False)) -> None:
+    """A grid of query slices (a row per arm, a column per class): truth outlined green, prediction red;
+    `flips` turns the stored slices to radiological orientation for display only."""
     n = len(panels)
     if not n:
         return
@@ -61,11 +69,11 @@ def overlay_figure(panels: list[dict], path: Path, *, cols: int) -> None:
     for ax in axes.ravel():
         ax.axis("off")
     for ax, p in zip(axes.ravel(), panels):
-        ax.imshow(p["image"], cmap="gray")
+        ax.imshow(oriented(p["image"], flips), cmap="gray")
         if p["truth"].any():
-            ax.contour(p["truth"], levels=[0.5], colors="lime", linewidths=0.8)
+            ax.contour(oriented(p["truth"], flips), levels=[0.5], colors="lime", linewidths=0.8)
         if p["pred"].any():
-            ax.contour(p["pred"], levels=[0.5], colors="red", linewidths=0.8)
+            ax.contour(oriented(p["pred"], flips), levels=[0.5], colors="red", linewidths=0.8)
         ax.set_title(p["title"], fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -115,7 +123,6 @@ def _tests_table(tests: list[dict], protocol: str) -> list[str]:
 
 def verdict_lines(tests: list[dict]) -> list[str]:
     """One sentence per (protocol, model, arm, reference) over all classes, primary first; Holm-adjusted p."""
-    baseline = arm_roles(a for t in tests for a in (t["vs"], t["arm"])).baseline
     out = []
     for t in sorted((t for t in tests if t["class"] == ALL), key=lambda t: not t["primary"]):
         head = f"- {t['protocol']} {t['model']}{' (primary comparison)' if t['primary'] else ''}: **{t['arm']}**"
@@ -125,7 +132,7 @@ def verdict_lines(tests: list[dict]) -> list[str]:
         if what:
             out.append(f"{head} {what} {t['vs']} by {_fmt(abs(t['mean_diff']))} Dice points ({stats_}).")
             continue
-        tail = ("Augmentation did not help here." if t["vs"] == baseline
+        tail = ("Augmentation did not help here." if t["vs_role"] == "baseline"
                 else f"It did not beat the {t['vs']} control here.")
         out.append(f"{head} shows no evidence of a difference from {t['vs']} ({t['verdict']}; mean difference "
                    f"{_fmt(t['mean_diff'])} points, {stats_}). {tail}")
@@ -241,7 +248,7 @@ def build_report(out: Path, *, title: str, rows: list[dict], arms: list[str], co
     `arms` gives the display order; `seed` seeds the bootstrap.
     """
     order = {a: i for i, a in enumerate(dict.fromkeys([*arms, *(r["arm"] for r in rows)]))}
-    baseline = arm_roles(order).baseline
+    baseline = arm_roles(rows).baseline
     summary = sorted(summarise(rows), key=lambda r: (r["protocol"], r["model"], order[r["arm"]]))
     tests, notes = paired_tests(rows, seed=seed)
     tests.sort(key=lambda t: (t["protocol"], t["model"], t["vs"] != baseline, order[t["arm"]]))
@@ -283,6 +290,8 @@ def load_results(path: Path) -> dict:
         if missing:
             raise DataError(f"{path}: row {i} has no field {missing[0]!r} (an older results format?); every row "
                             f"needs {', '.join(REQUIRED_ROW_FIELDS)}")
+        if row["role"] not in ROLES:
+            raise DataError(f"{path}: row {i} has role = {row['role']!r}; expected one of {list(ROLES)}")
         if isinstance(row["dice"], bool) or not isinstance(row["dice"], (int, float)) or not 0 <= row["dice"] <= 1:
             raise DataError(f"{path}: row {i} has dice = {row['dice']!r}; expected a number in [0, 1]")
     return results

@@ -18,77 +18,30 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from pipelines import stages
-from pipelines.cache import StageCache, stage_key
+from pipelines.cache import StageCache
 from pipelines.config import ConfigError, ExperimentConfig, as_dict
 from pipelines.executors import EXECUTORS, UnitArgs, check_backend
-from segment.integrity import relative, write_atomically
-from segment.phantom import PHANTOM_VERSION, write_phantom
-from segment.protocol import Fold, make_folds
-from segment.slices import PreparedData, prepare
-from segment.superpixels import superpixel_folder
-from segment.volumes import resolve_spec
+from pipelines.stages.base import NotCached, StageEntry, StageRunner, log_record, stage_classes
+from pipelines.stages.report import provenance, publish
+from pipelines.stages.unit import report_stage, run_unit, superpixel_stage
+from segment.data.integrity import relative, write_atomically
+from segment.data.phantom import PHANTOM_VERSION, write_phantom
+from segment.data.protocol import Fold, make_folds
+from segment.data.slices import PreparedData, prepare
+from segment.data.superpixels import superpixel_folder
+from segment.data.volumes import resolve_spec
 
-# Bump a stage's version when its code changes what it writes: every entry of it, and downstream, re-runs.
-STAGE_VERSIONS = {"superpixels": "1", "generator-pretrain": "2", "generator": "2", "synthesis": "2",
-                  "segmenter": "1", "quality": "2", "finetune": "1", "evaluate": "2", "report": "4"}
-STAGES = ("prepare", *STAGE_VERSIONS)
+STAGES = ("prepare", *stage_classes())  # what --force accepts; a stage's version lives on its class
 
-
-class NotCached(Exception):
-    """A stage entry is missing while the runner was asked to use cached entries only."""
+__all__ = ["NotCached", "StageRunner", "UnitsFailed", "load_data", "run_experiment"]
 
 
 class UnitsFailed(RuntimeError):
     """No unit of the experiment finished, so there is nothing to report."""
-
-
-def _not_cached(stage: str):
-    def produce(folder: Path) -> None:
-        raise NotCached(stage)
-    return produce
-
-
-def log_record(log: logging.Logger, r: dict) -> None:
-    log.info("%-18s %-44s %s %s", r["stage"], r["label"], "ran" if r["ran"] else "cached", f"({r['seconds']} s, {r['key']})")
-
-
-@dataclass
-class StageRunner:
-    """Runs one stage entry through the cache, logs whether it ran or was cached, and keeps a record.
-
-    With `cached_only`, a missing (or bad) entry raises `NotCached` instead of running, and nothing is
-    logged: the runner uses it to find, in-process and cheaply, the units that need no work at all.
-    Each record carries the pid of the process that ran it (a pool worker's with `jobs` > 1).
-    """
-
-    cache: StageCache
-    force: frozenset[str]
-    log: logging.Logger
-    records: list[dict] = field(default_factory=list)
-    cached_only: bool = False
-
-    def __call__(self, stage: str, label: str, config: dict, inputs: dict[str, str], produce) -> tuple[Path, str]:
-        key = stage_key(stage, STAGE_VERSIONS[stage], config, inputs)
-        if self.cached_only and not self.cache.done(stage, key):
-            raise NotCached(stage)
-        if stage in self.force and self.cache.done(stage, key):
-            self.cache.remove(stage, key)
-        start = time.perf_counter()
-        if self.cached_only:  # an entry that the hash check finds bad is moved aside, then built by a unit
-            produce = _not_cached(stage)
-        entry = self.cache.run(stage, key, produce, meta={"label": label, "config": config, "inputs": inputs})
-        record = {"stage": stage, "label": label, "key": key, "ran": entry.ran,
-                  "seconds": round(time.perf_counter() - start, 2), "pid": os.getpid()}
-        if not self.cached_only:
-            log_record(self.log, record)
-        self.records.append(record)
-        return entry.path, key
 
 
 def setup_logging(out: Path) -> logging.Logger:
@@ -137,7 +90,7 @@ def select(cfg: ExperimentConfig, data: PreparedData) -> tuple[list[Fold], tuple
     return [folds[k] for k in wanted], tuple(cfg.protocol.classes or data.spec.classes)
 
 
-def _unit(cfg: ExperimentConfig, fold: Fold, seed: int, classes: tuple[str, ...], sp_key: str,
+def _unit(cfg: ExperimentConfig, fold: Fold, seed: int, classes: tuple[str, ...], superpixels: StageEntry,
           force: frozenset[str], out: str, data: PreparedData | None = None,
           cached_only: bool = False) -> tuple[list[dict], list[dict], dict]:
     """One (fold, seed) unit in its own process or in the caller's: every stage from generators to scores."""
@@ -148,7 +101,7 @@ def _unit(cfg: ExperimentConfig, fold: Fold, seed: int, classes: tuple[str, ...]
         torch.set_num_threads(cfg.run.threads)
     runner = StageRunner(StageCache(cfg.run.cache), force, log, cached_only=cached_only)
     data = data or load_data(cfg)
-    rows, extras = stages.run_unit(cfg, data, fold, seed, classes, sp_key, runner)
+    rows, extras = run_unit(cfg, data, fold, seed, classes, superpixels, runner)
     return rows, runner.records, extras
 
 
@@ -171,13 +124,13 @@ def run_experiment(cfg: ExperimentConfig, *, force: tuple[str, ...] = ()) -> dic
     runner.records.append({"stage": "prepare", "label": data.spec.name, "key": data.key, "ran": data.built,
                            "seconds": round(time.perf_counter() - start, 2), "pid": os.getpid()})
     log_record(log, runner.records[-1])
-    _, sp_key = stages.superpixel_stage(cfg, data, runner)
-    folders = [_cache_path(data.path, cfg), _cache_path(superpixel_folder(data, stages.superpixel_params(cfg),
-                                                                          cfg.run.cache), cfg)]
+    sp = superpixel_stage(cfg, data)
+    sp_entry = runner(sp)
+    folders = [_cache_path(data.path, cfg), _cache_path(superpixel_folder(data, sp.params, cfg.run.cache), cfg)]
 
     units = [(fold, seed) for fold in folds for seed in cfg.protocol.seeds]
     rows, extras = [], []
-    args = [UnitArgs(cfg, fold, seed, classes, sp_key, frozenset(force), str(out)) for fold, seed in units]
+    args = [UnitArgs(cfg, fold, seed, classes, sp_entry, frozenset(force), str(out)) for fold, seed in units]
     results = [None] * len(args)
     for i, a in enumerate(args if not force else []):  # units with nothing to do need no worker process
         try:
@@ -195,20 +148,22 @@ def run_experiment(cfg: ExperimentConfig, *, force: tuple[str, ...] = ()) -> dic
         runner.records += records
         extras.append(unit_extras)
     failed_units = [f.as_json() for f in failed]
+    run_provenance = provenance(cfg.run.cpu)
     for f in failed:
         log.error("unit fold %d seed %d FAILED after %d attempt(s) (jobs %s); its rows are missing. Log tail:\n%s",
                   f.fold, f.seed, f.attempts, ", ".join(f.job_ids), f.log_tail)
     if not extras:  # nothing to report; the run folder still lists what failed
         (out / "stages.json").write_text(json.dumps({"records": runner.records, "failed_units": failed_units,
-                                                     "config": as_dict(cfg)}, indent=2))
+                                                     "provenance": run_provenance, "config": as_dict(cfg)}, indent=2))
         raise UnitsFailed(f"every unit failed: {[(f.fold, f.seed) for f in failed]}; see {out / 'run.log'}")
-    report_dir = stages.report_stage(cfg, data, rows, extras, runner, failed_units=failed_units)
-    stages.publish(report_dir, out)
+    report_dir = runner(report_stage(cfg, data, rows, extras, failed_units=failed_units)).path
+    publish(report_dir, out)
     summary = _stage_summary(runner.records)
     for stage, counts in summary.items():
         log.info("stage %-18s ran %d, cached %d", stage, counts["ran"], counts["cached"])
     (out / "stages.json").write_text(json.dumps({"records": runner.records, "summary": summary, "folders": folders,
-                                                 "failed_units": failed_units, "config": as_dict(cfg)}, indent=2))
+                                                 "failed_units": failed_units, "provenance": run_provenance,
+                                                 "config": as_dict(cfg)}, indent=2))
     log.info("report: %s", out / "report.md")
     return {"out": out, "records": runner.records, "summary": summary, "failed_units": failed_units}
 

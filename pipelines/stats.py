@@ -1,7 +1,8 @@
 """Statistics of the ablation: spread over folds and seeds, and paired tests with the right unit.
 
 Input rows are one Dice per (protocol, model, arm, class, fold, seed, query volume); `dice` is the headline
-score. Rows that share a query volume, or share one fine-tune, are not independent, so the unit of every
+score, `role` the arm's role (baseline, control, augmented, diagnostic), which alone decides what is
+compared with what. Rows that share a query volume, or share one fine-tune, are not independent, so the unit of every
 paired test is the query volume of a fold, (fold, query):
 - per-class tests average a unit's Dice over seeds; the all-classes test averages over classes and seeds
   (first over seeds per class, then over classes);
@@ -27,8 +28,6 @@ import numpy as np
 from scipy import stats
 
 ALL = "all"
-BASELINE = "real-only"  # the arm every other arm is tested against
-CLASSICAL = "classical"  # the classical-augmentation control generator arms are tested against
 UNIT = "query volume of a fold"
 DECIMALS = 12  # differences are rounded to this many decimals: float noise of averaging makes no ties or zeros
 EXACT_LIMIT = 50  # the exact Wilcoxon distribution is used up to this many non-zero units
@@ -37,27 +36,39 @@ FLIP_LIMIT = 9999  # with ties, every sign flip is enumerated while there are at
 
 @dataclass(frozen=True)
 class Roles:
-    """Which arm plays which part in the tests.
-
-    Found by name today (`BASELINE`, `CLASSICAL`); this is the only place that looks at arm names.
-    """
+    """Which arm plays which part in the tests, from each row's `role` (set by the arm's config), never
+    from its name: baseline (the reference of every test), controls (the references of the augmented
+    arms), augmented arms, and diagnostic arms (tested against the baseline, never primary)."""
 
     baseline: str | None
-    control: str | None
-    augmented: tuple[str, ...]  # every arm but the baseline, in the given order
+    controls: tuple[str, ...]
+    augmented: tuple[str, ...]
+    diagnostic: tuple[str, ...] = ()
+    order: tuple[str, ...] = ()  # every arm, in the order given
 
     def comparisons(self) -> list[tuple[str, str]]:
-        """(arm, reference): each arm against the baseline, then each generator arm against the control."""
-        out = [(a, self.baseline) for a in self.augmented if self.baseline]
-        return out + [(a, self.control) for a in self.augmented if self.control and a != self.control]
+        """(arm, reference): every other arm against the baseline, then each augmented arm against each control."""
+        out = [(a, self.baseline) for a in self.order if self.baseline and a != self.baseline]
+        return out + [(a, c) for c in self.controls for a in self.augmented]
+
+    def candidates(self) -> tuple[str, ...]:
+        """Arms that may be the primary comparison: every method arm, no diagnostic one."""
+        return (*self.controls, *self.augmented)
 
 
-def arm_roles(arms: Iterable[str]) -> Roles:
-    """The roles of the arms named in `arms` (order kept)."""
-    names = list(dict.fromkeys(arms))
-    baseline = BASELINE if BASELINE in names else None
-    return Roles(baseline=baseline, control=CLASSICAL if CLASSICAL in names else None,
-                 augmented=tuple(a for a in names if a != baseline))
+def arm_roles(rows: Iterable[dict]) -> Roles:
+    """The roles of the arms in `rows` (order of first appearance kept); one role per arm name."""
+    roles: dict[str, str] = {}
+    for r in rows:
+        if roles.setdefault(r["arm"], r["role"]) != r["role"]:
+            raise ValueError(f"arm {r['arm']!r} has rows with roles {roles[r['arm']]!r} and {r['role']!r}")
+    baselines = [a for a, role in roles.items() if role == "baseline"]
+    if len(baselines) > 1:
+        raise ValueError(f"rows name {len(baselines)} baseline arms {baselines}; a report has one")
+    return Roles(baseline=baselines[0] if baselines else None,
+                 controls=tuple(a for a, role in roles.items() if role == "control"),
+                 augmented=tuple(a for a, role in roles.items() if role == "augmented"),
+                 diagnostic=tuple(a for a, role in roles.items() if role == "diagnostic"), order=tuple(roles))
 
 
 def _group(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
@@ -220,7 +231,8 @@ def verdict(test: dict, *, alpha: float) -> str:
 def _family(rows: list[dict], protocol: str, model: str, *, seed: int) -> list[dict]:
     """Every comparison of one (protocol, model), unadjusted, in role order."""
     by_arm = _group(rows, ("arm",))
-    roles = arm_roles(r["arm"] for r in rows)
+    roles = arm_roles(rows)
+    role_of = {r["arm"]: r["role"] for r in rows}
     counted, zero = zero_pool_cells(rows)
     classes = sorted({r["class"] for r in rows})
     out = []
@@ -232,6 +244,7 @@ def _family(rows: list[dict], protocol: str, model: str, *, seed: int) -> list[d
         for cls in (classes if len(classes) > 1 else []) + [ALL]:
             diffs = unit_differences(by_arm[(arm,)], by_arm[(ref,)], cls=cls, excluded=excluded)
             out.append({"protocol": protocol, "model": model, "arm": arm, "vs": ref, "class": cls,
+                        "role": role_of[arm], "vs_role": role_of[ref],
                         "primary": False, **describe(diffs, seed=seed)})
     return out
 
@@ -250,8 +263,9 @@ def paired_tests(rows: list[dict], *, alpha: float = 0.05, seed: int = 0) -> tup
         for t, p in zip(family, holm([t["p_wilcoxon"] for t in family])):
             t["p_holm"] = p
             t["verdict"] = verdict(t, alpha=alpha)
-        baseline = arm_roles(r["arm"] for r in group).baseline
-        candidates = [t for t in family if t["vs"] == baseline and t["class"] == ALL]
+        roles = arm_roles(group)
+        candidates = [t for t in family if t["vs"] == roles.baseline and t["class"] == ALL
+                      and t["arm"] in roles.candidates()]
         if candidates:
             max(candidates, key=lambda t: -np.inf if t["mean_diff"] is None else t["mean_diff"])["primary"] = True
         tests += family

@@ -15,7 +15,7 @@ import torch
 
 from segment.episodes import check_pairs
 from segment.pooling import check_episode
-from segment.protocol import largest_component  # noqa: F401 (re-exported: one implementation)
+from segment.data.protocol import largest_component  # noqa: F401 (re-exported: one implementation)
 
 
 def make_predictor(model: torch.nn.Module, *, extra_supports: tuple[torch.Tensor, torch.Tensor] | None = None,

@@ -29,7 +29,7 @@ from segment.encoder import CheckpointError, EncoderConfig, load_encoder_weights
 from segment.episodes import (AugmentParams, Augmenter, MixedSampler, PairSampler, SuperpixelSampler,
                               SupervisedSampler, collate)
 from segment.prototype import PrototypeConfig, PrototypeNet
-from segment.superpixels import superpixels
+from segment.data.superpixels import superpixels
 
 def build_model(config: SegmenterConfig) -> torch.nn.Module:
     """The untrained network that `config` describes."""
@@ -177,7 +177,7 @@ def training_sampler(config: SegmenterConfig, data, fold, *, test_class_ids: tup
     Setting 1 relabels the excluded classes as background; Setting 2 also drops every slice holding
     any class of the excluded group (OR rule), from the supervised and the superpixel episodes alike.
     """
-    from segment.protocol import excluded_class_ids, mask_out_classes, training_slice_mask
+    from segment.data.protocol import excluded_class_ids, mask_out_classes, training_slice_mask
 
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from segment.phantom import write_phantom
-from segment.slices import prepare
-from segment.volumes import load_spec
+from segment.data.phantom import write_phantom
+from segment.data.slices import prepare
+from segment.data.volumes import load_spec
 
 
 torch.set_num_threads(1)

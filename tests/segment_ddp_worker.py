@@ -9,10 +9,10 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from segment.protocol import make_folds
-from segment.slices import prepare
+from segment.data.protocol import make_folds
+from segment.data.slices import prepare
 from segment.train import SegmenterConfig, train
-from segment.volumes import load_spec
+from segment.data.volumes import load_spec
 
 
 def main() -> None:

@@ -139,7 +139,7 @@ def _read_only_cache(c: Case) -> list[str]:
 
 
 def _too_little_memory(c: Case) -> list[str]:
-    c.monkeypatch.setattr("segment.slices.memory_budget", lambda: 100_000)
+    c.monkeypatch.setattr("segment.data.slices.memory_budget", lambda: 100_000)
     return c.run()
 
 
@@ -257,8 +257,8 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(phantom_dir, tmp_pa
 
 
 def test_a_1e30_image_gives_the_slices_of_the_original(phantom_dir, tmp_path):
-    from segment.slices import prepare
-    from segment.volumes import load_spec
+    from segment.data.slices import prepare
+    from segment.data.volumes import load_spec
 
     data = Path(shutil.copytree(phantom_dir, tmp_path / "data"))
     path = data / "image_2.nii.gz"

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main as cli_main
-from segment.protocol import evaluate, make_folds, oracle_predictor
-from segment.slices import prepare
-from segment.volumes import load_spec
+from segment.data.protocol import evaluate, make_folds, oracle_predictor
+from segment.data.slices import prepare
+from segment.data.volumes import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -147,14 +147,14 @@ def test_the_cheap_check_sees_sizes_missing_and_extra_files_and_a_bad_record(tmp
 
 
 def _hold(root: str, folder: str, ready, release) -> None:
-    from segment.integrity import lock
+    from segment.data.integrity import lock
     with lock(Path(root), Path(folder)):
         ready.set()
         release.wait(30)
 
 
 def test_gc_removes_lock_files_nobody_holds_and_keeps_held_ones(tmp_path):
-    from segment.integrity import lock_path
+    from segment.data.integrity import lock_path
     cache = StageCache(tmp_path)
     stale = lock_path(tmp_path, tmp_path / "stages" / "s" / "dead")
     stale.parent.mkdir(parents=True)

@@ -18,7 +18,8 @@ def test_parse_gives_typed_frozen_config():
     cfg = parse(_raw(protocol={"setting": 2, "protocols": ["EP1", "EP2"], "folds": [0, 1], "seeds": [0, 1]}))
     assert cfg.data.resolution == 64 and cfg.protocol.setting == 2
     assert cfg.protocol.folds == (0, 1) and cfg.protocol.protocols == ("EP1", "EP2")
-    assert cfg.arms == (Arm("real-only"), Arm("ddpm", ("ddpm",))) and cfg.sources == ("ddpm",)
+    assert cfg.arms == (Arm("real-only", role="baseline"), Arm("ddpm", ("ddpm",), role="augmented"))
+    assert cfg.sources == ("ddpm",)
     with pytest.raises(AttributeError):
         cfg.data.resolution = 32  # frozen
 
@@ -32,7 +33,7 @@ def test_parse_gives_typed_frozen_config():
     (_raw(models=["unet"]), r"models = \['unet'\]; choose from \['prototype', 'conditional'\]"),
     (_raw(arms=[{"name": "real-only"}, {"name": "vae", "sources": ["vae"]}]),
      r"arm 'vae' names unknown generator 'vae'; known: \['classical', 'ddpm'\]"),
-    (_raw(arms=[{"name": "ddpm", "sources": ["ddpm"]}]), r"no real-only arm"),
+    (_raw(arms=[{"name": "ddpm", "sources": ["ddpm"]}]), r"arms: 0 baseline arm\(s\) \[\]; exactly one arm has role"),
     ({"name": "t"}, r"missing \[data\] section"),
 ])
 def test_bad_config_names_the_problem(raw, message):
@@ -49,3 +50,40 @@ def test_an_arm_is_a_named_override_of_the_synthesis_settings():
     assert cfg.arms[0].synthesis(cfg.synthesis) == cfg.synthesis
     with pytest.raises(ConfigError, match=r"\[arms.x\] filter_dice = 'high'; expected float"):
         parse(_raw(arms=[{"name": "real-only"}, {"name": "x", "filter_dice": "high"}]))
+
+
+def _roles(*arms: dict, **protocol) -> dict[str, str]:
+    cfg = parse(_raw(arms=list(arms), protocol=protocol))
+    return {a.name: a.role for a in cfg.arms}
+
+
+def test_roles_are_inferred_once_from_the_sources_when_left_out():
+    assert _roles({"name": "baseline"}, {"name": "c", "sources": ["classical"]}, {"name": "d", "sources": ["ddpm"]},
+                  {"name": "both", "sources": ["classical", "ddpm"]}) \
+        == {"baseline": "baseline", "c": "control", "d": "augmented", "both": "augmented"}
+    # a second arm without sources is no baseline once one is named: the name decides nothing
+    assert _roles({"name": "real-only-copy"}, {"name": "x", "role": "baseline"}) \
+        == {"real-only-copy": "augmented", "x": "baseline"}
+    assert _roles({"name": "real-only", "sources": ["classical"], "role": "augmented"}, {"name": "b"}) \
+        == {"real-only": "augmented", "b": "baseline"}
+    assert _roles({"name": "b"}, {"name": "oracle", "sources": ["ddpm"], "role": "diagnostic"}, diagnostic=True) \
+        == {"b": "baseline", "oracle": "diagnostic"}
+
+
+@pytest.mark.parametrize("arms, protocol, message", [
+    ([{"name": "a"}, {"name": "a", "sources": ["ddpm"]}], {}, r"arm names repeat: \['a', 'a'\]"),
+    ([{"name": "a"}, {"name": "b"}], {}, r"arms \['a', 'b'\] have no sources and no role; say which one is the "
+                                         r"baseline"),
+    ([{"name": "a", "role": "baseline"}, {"name": "b", "role": "baseline"}], {},
+     r"arms: 2 baseline arm\(s\) \['a', 'b'\]; exactly one"),
+    ([{"name": "d", "sources": ["ddpm"]}], {}, r"arms: 0 baseline arm\(s\) \[\]"),
+    ([{"name": "a"}, {"name": "oracle", "sources": ["ddpm"], "role": "diagnostic"}], {},
+     r"arms \['oracle'\] have role = \"diagnostic\" outside a diagnostic run; set \[protocol\] diagnostic = true"),
+    ([{"name": "a"}, {"name": "d", "sources": ["ddpm"], "role": "treatment"}], {},
+     r"\[arms.d\] role = 'treatment'; valid roles are \['baseline', 'control', 'augmented', 'diagnostic'\]"),
+    ([{"name": "a", "sources": ["ddpm"], "role": "baseline"}], {},
+     r"\[arms.a\] role = 'baseline' with sources = \['ddpm'\]; the baseline uses the real supports alone"),
+])
+def test_bad_roles_are_config_errors(arms, protocol, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(_raw(arms=arms, protocol=protocol))

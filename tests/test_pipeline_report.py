@@ -12,13 +12,17 @@ from pipelines.cli import main
 from pipelines.report import DiceScoring, build_report
 
 
+ROLE = {"real-only": "baseline", "classical": "control"}  # the role of the test arms named so; others: augmented
+
+
 def _rows(arm: str, shift: float, *, folds=(0, 1, 2), post: bool = False) -> list[dict]:
     rows = []
     for f in folds:
         for qi, q in enumerate(("5", "6")):
             for ci, c in enumerate(("liver", "spleen")):
                 dice = 0.4 + 0.05 * f + 0.03 * qi + 0.1 * ci + shift * (1 + 0.1 * qi + 0.2 * f)
-                rows.append({"protocol": "EP1", "model": "prototype", "arm": arm, "class": c, "fold": f, "seed": 0,
+                rows.append({"protocol": "EP1", "model": "prototype", "arm": arm, "role": ROLE.get(arm, "augmented"),
+                             "class": c, "fold": f, "seed": 0,
                              "query": q, "dice": dice, **({"dice_post": dice + 0.01} if post else {})})
     return rows
 
@@ -112,6 +116,9 @@ BAD = {  # case -> (edit of the parsed file or of its text, what the one-line er
     "old format: no postprocess": (_drop("postprocess"), "postprocess = None; expected true or false"),
     "row without dice": (_drop_row_field(3, "dice"), "row 3 has no field 'dice' (an older results format?)"),
     "row without query": (_drop_row_field(0, "query"), "row 0 has no field 'query'"),
+    "old format: row without role": (_drop_row_field(1, "role"), "row 1 has no field 'role' (an older results format?)"),
+    "unknown role": (lambda r: r["rows"][4].update(role="reference"),
+                     "row 4 has role = 'reference'; expected one of ['baseline', 'control', 'augmented', 'diagnostic']"),
     "dice out of range": (_set_dice(1.5), "row 2 has dice = 1.5; expected a number in [0, 1]"),
     "NaN in the file": (lambda text: text.replace('"dice": ', '"dice": NaN, "x": ', 1), "NaN is not valid JSON"),
     "truncated file": (lambda text: text[: len(text) // 2], "not a valid results JSON"),

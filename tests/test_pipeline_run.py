@@ -94,7 +94,9 @@ def test_run_writes_report_figures_and_rows(first_run):
     pools = {r["arm"]: r["synthetic_pairs"] for r in rows}  # the fine-tune pool's kept synthetic pairs
     assert pools == {"real-only": None, "classical": 2, "ddpm": 2}  # n_pairs = 2, no filter
     report = (out / "report.md").read_text()
-    assert "## Verdict" in report and "Wilcoxon" in report and "vs" in report
+    assert "## Verdict" in report and "Wilcoxon" in report
+    assert "**ddpm** shows no evidence of a difference from real-only" in report or "**ddpm** beats real-only" in report \
+        or "**ddpm** is worse than real-only" in report  # each augmented arm is judged against the baseline
     assert "## Synthetic pair quality" in report and "| ddpm | liver |" in report
     quality = json.loads((out / "results.json").read_text())["quality"]
     assert {q["source"] for q in quality} == {"classical", "ddpm"}
@@ -146,6 +148,12 @@ def test_killed_run_reruns_to_the_same_results(first_run, phantom_dir, tmp_path)
     (lambda t: t.replace('sources = ["ddpm"]', 'sources = ["vae"]'), r"arm 'ddpm' names unknown generator 'vae'"),
     (lambda t: t.replace('classes = ["liver"]', 'classes = ["pancreas"]'), r"classes: \['pancreas'\] are not classes"),
     (lambda t: t.replace("steps = 6", "stepz = 6"), r"\[segment\] unknown key\(s\) \['stepz'\]"),
+    (lambda t: t.replace('name = "classical"', 'name = "real-only"'), r"arm names repeat: \['real-only', 'real-only'"),
+    (lambda t: t.replace('name = "real-only"', 'name = "real-only"\nrole = "baseline"')
+     .replace('name = "classical"\nsources = ["classical"]', 'name = "classical"\nrole = "baseline"'),
+     r"arms: 2 baseline arm\(s\) \['real-only', 'classical'\]"),
+    (lambda t: t.replace('sources = ["ddpm"]', 'sources = ["ddpm"]\nrole = "diagnostic"'),
+     r"arms \['ddpm'\] have role = \"diagnostic\" outside a diagnostic run"),
 ])
 def test_bad_config_exits_2_with_one_line_and_writes_nothing(phantom_dir, tmp_path, capsys, edit, message):
     cfg = _config(tmp_path, phantom_dir, name="bad", cache=tmp_path / "cache")
@@ -167,7 +175,7 @@ def test_missing_data_folder_exits_2(phantom_dir, tmp_path, capsys):
 
 def test_cache_ls_and_gc(first_run, phantom_dir, tmp_path, capsys):
     from pipelines.cache import StageCache
-    from segment.integrity import lock
+    from segment.data.integrity import lock
     tmp, cache, _ = first_run
     copy = Path(shutil.copytree(cache, tmp_path / "cache"))  # gc must not disturb the other tests' cache
     assert main(["cache", "ls", "--cache", str(copy)]) == 0
@@ -201,20 +209,83 @@ def test_cache_ls_and_gc(first_run, phantom_dir, tmp_path, capsys):
     assert not any(ran for runs in again.values() for ran in runs)
 
 
+RENAMED_ARMS = """[[arms]]
+name = "baseline"
+role = "baseline"
+[[arms]]
+name = "real-only-copy"
+role = "control"
+[[arms]]
+name = "ddpm-renamed"
+sources = ["ddpm"]
+[run]"""
+
+
+@pytest.fixture(scope="module")
+def renamed_run(first_run, phantom_dir):
+    """The first run's experiment on its warm cache, its arms renamed: the real-only arm is `baseline`, a copy
+    of it with identical settings is `real-only-copy`, and `ddpm` is `ddpm-renamed`."""
+    tmp, cache, _ = first_run
+    cfg = _config(tmp, phantom_dir, name="renamed", cache=cache)
+    text = cfg.read_text()
+    cfg.write_text(text[:text.index("[[arms]]")] + RENAMED_ARMS + text[text.index("[run]") + len("[run]"):])
+    code = main(["run", str(cfg)])
+    return code, tmp / "renamed"
+
+
+def test_renaming_an_arm_on_a_warm_cache_reports_the_new_names(renamed_run):
+    code, out = renamed_run
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["arm"] for r in rows} == {"baseline", "real-only-copy", "ddpm-renamed"}
+    stages = _stages(out)
+    assert not any(stages["generator"]) and not any(stages["synthesis"])  # the warm cache served the generators
+
+
+def test_two_arms_with_identical_settings_get_their_own_evaluate_entries_and_rows(renamed_run):
+    _, out = renamed_run
+    records = json.loads((out / "stages.json").read_text())["records"]
+    evals = {r["label"].split()[1]: r["key"] for r in records if r["stage"] == "evaluate"}
+    assert len(set(evals.values())) == 3, evals
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    scores = {a: sorted((r["query"], r["dice"]) for r in rows if r["arm"] == a) for a in ("baseline", "real-only-copy")}
+    assert len(scores["baseline"]) == 3 and scores["baseline"] == scores["real-only-copy"]
+
+
+def test_a_real_only_arm_named_baseline_is_the_reference_of_every_test(renamed_run):
+    _, out = renamed_run
+    results = json.loads((out / "results.json").read_text())
+    tests = results["tests"]
+    assert not any(t["arm"] == "baseline" for t in tests)  # the real arm is never tested as an augmentation
+    against = {(t["arm"], t["vs"]) for t in tests}
+    assert against == {("real-only-copy", "baseline"), ("ddpm-renamed", "baseline"), ("ddpm-renamed", "real-only-copy")}
+    assert all(t["units"] == 3 for t in tests)  # every query volume of the fold is a unit of every test
+    assert next(t for t in tests if t["arm"] == "ddpm-renamed" and t["vs"] == "baseline")["n"] > 0
+
+
 def test_mask_consistency_filter_keeps_only_pairs_the_real_segmenter_recovers(first_run, phantom_data):
     _, cache, _ = first_run
-    from pipelines.stages import synthetic_pairs
-    from segment.protocol import make_folds
+    from pipelines.stages.base import StageEntry
+    from pipelines.stages.inputs import synthetic_pairs
+    from segment.data.protocol import make_folds
     # the first run was at resolution 32 on the same phantom, like the session's prepared data
     fold = make_folds(phantom_data.ids, phantom_data.spec.n_folds)[0]
-    base = next((cache / "stages" / "segmenter").glob("*/model.pt"))
-    synth = {"classical": (next(p.parent for p in (cache / "stages" / "synthesis").glob("*/set")  # first run's: n = 2
-                                if json.loads((p / "manifest.json").read_text())["generator"] == "classical"
-                                and json.loads((p / "manifest.json").read_text())["n"] == 2), "k")}
+    base = StageEntry(next((cache / "stages" / "segmenter").glob("*/model.pt")).parent, "k")
+    synth = (StageEntry(next(p.parent for p in (cache / "stages" / "synthesis").glob("*/set")  # first run's: n = 2
+                             if json.loads((p / "manifest.json").read_text())["generator"] == "classical"
+                             and json.loads((p / "manifest.json").read_text())["n"] == 2), "k"),)
     everything = synthetic_pairs(phantom_data, fold, "liver", synth, base_model=base, min_dice=0.0)
     none = synthetic_pairs(phantom_data, fold, "liver", synth, base_model=base, min_dice=1.01)
-    some = synthetic_pairs(phantom_data, fold, "liver", synth, base_model=base, min_dice=0.05)
-    assert len(everything[0]) == 2 and len(none[0]) == 0 and len(some[0]) <= 2
+    from augment.quality import mask_consistency
+    from segment import train as seg_train
+    from segment.predict import make_predictor
+    from pipelines.stages.inputs import support_pairs
+    real_i, real_m, _ = support_pairs(phantom_data, fold, "liver")
+    scores = mask_consistency(make_predictor(seg_train.load(base.path / "model.pt")), real_i, real_m, *everything)
+    threshold = sorted(scores["per_pair"])[-1]  # the best pair's Dice: the filter keeps exactly the pairs that reach it
+    some = synthetic_pairs(phantom_data, fold, "liver", synth, base_model=base, min_dice=threshold)
+    assert len(everything[0]) == 2 and len(none[0]) == 0
+    assert len(some[0]) == sum(d >= threshold for d in scores["per_pair"]) >= 1
     assert everything[0].shape[1:] == (1, 32, 32)
 
 

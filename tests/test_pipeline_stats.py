@@ -9,15 +9,20 @@ from pipelines.report import verdict_lines
 from pipelines.stats import ALL, arm_roles, bootstrap_ci, describe, holm, paired_tests, summarise
 
 
-def _rows(arm: str, diff, *, folds=(0, 1), queries=("1", "2"), classes=("x", "y"), seeds=(0, 1), **extra) -> list[dict]:
+ROLE = {"real-only": "baseline", "classical": "control"}  # the role of the test arms named so; others: augmented
+
+
+def _rows(arm: str, diff, *, folds=(0, 1), queries=("1", "2"), classes=("x", "y"), seeds=(0, 1), role: str | None = None,
+          **extra) -> list[dict]:
     """One row per (class, fold, seed, query); every arm shares the same base scores, plus `diff(c, f, s, q)`."""
+    role = role or ROLE.get(arm, "augmented")
     rows = []
     for f in folds:
         for qi, q in enumerate(queries):
             for ci, c in enumerate(classes):
                 for s in seeds:
                     base = 0.3 + 0.1 * f + 0.05 * qi + 0.02 * ci + 0.01 * s
-                    rows.append({"protocol": "EP1", "model": "m", "arm": arm, "class": c, "fold": f, "seed": s,
+                    rows.append({"protocol": "EP1", "model": "m", "arm": arm, "role": role, "class": c, "fold": f, "seed": s,
                                  "query": q, "dice": base + diff(c, f, s, qi), **extra})
     return rows
 
@@ -110,8 +115,35 @@ def test_primary_is_the_best_augmented_arm_and_generators_meet_the_control():
                                                      ("gan", "real-only"), ("ddpm", "classical"), ("gan", "classical")}
     assert len(tests) == 5 * 3  # per class and all classes; Holm runs over all 15
     assert sum(t["p_holm"] == pytest.approx(min(1.0, 15 * t["p_wilcoxon"])) for t in tests) >= 1
-    assert arm_roles(["classical", "ddpm"]).baseline is None and arm_roles(["classical", "ddpm"]).comparisons() == [
-        ("ddpm", "classical")]
+    no_baseline = arm_roles(_rows("classical", lambda *a: 0.0) + _rows("ddpm", lambda *a: 0.0))
+    assert no_baseline.baseline is None and no_baseline.comparisons() == [("ddpm", "classical")]
+
+
+def test_roles_come_from_the_rows_not_from_the_arm_names():
+    """An arm named `baseline` with role baseline is the reference (n > 0), an arm named `classical` with
+    role augmented is tested as an augmentation, and the real arm is never tested as one."""
+    rows = (_rows("baseline", lambda *a: 0.0, role="baseline") + _rows("real-only", lambda *a: 0.01, role="control")
+            + _rows("classical", _designed, role="augmented"))
+    tests, _ = paired_tests(rows)
+    assert {(t["arm"], t["vs"]) for t in tests} == {("real-only", "baseline"), ("classical", "baseline"),
+                                                     ("classical", "real-only")}
+    assert all(t["n"] > 0 for t in tests) and not any(t["arm"] == "baseline" for t in tests)
+    assert [(t["arm"], t["vs"]) for t in tests if t["primary"]] == [("classical", "baseline")]
+
+
+def test_a_diagnostic_arm_is_tested_against_the_baseline_but_never_primary():
+    rows = (_rows("real-only", lambda *a: 0.0) + _rows("ddpm", _designed)
+            + _rows("oracle", lambda *a: 0.2, role="diagnostic"))
+    tests, _ = paired_tests(rows)
+    assert {(t["arm"], t["vs"]) for t in tests if t["class"] == ALL} == {("ddpm", "real-only"), ("oracle", "real-only")}
+    assert [t["arm"] for t in tests if t["primary"]] == ["ddpm"]
+
+
+def test_rows_with_two_roles_for_one_arm_or_two_baselines_are_refused():
+    with pytest.raises(ValueError, match="arm 'x' has rows with roles 'baseline' and 'augmented'"):
+        arm_roles(_rows("x", lambda *a: 0.0, role="baseline") + _rows("x", lambda *a: 0.0, role="augmented"))
+    with pytest.raises(ValueError, match=r"2 baseline arms \['a', 'b'\]"):
+        arm_roles(_rows("a", lambda *a: 0.0, role="baseline") + _rows("b", lambda *a: 0.0, role="baseline"))
 
 
 def test_an_arm_whose_filter_kept_no_pairs_is_not_tested_as_augmented():

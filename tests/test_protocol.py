@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from segment.protocol import (
+from segment.data.protocol import (
     dice, empty_predictor, ep1_chunk_of, ep1_query_chunks, ep1_support_indices, evaluate, excluded_class_ids,
     make_folds, mask_out_classes, oracle_predictor, training_slice_mask,
 )
-from segment.slices import PreparedData, Volume
-from segment.volumes import DataError, DatasetSpec, load_spec
+from segment.data.slices import PreparedData, Volume
+from segment.data.volumes import DataError, DatasetSpec, load_spec
 
 
 def test_abd_mri_folds_match_the_literature():

@@ -8,8 +8,8 @@ import torch
 
 from segment.episodes import Augmenter, AugmentParams, PairSampler, SuperpixelSampler, SupervisedSampler, collate
 from segment.pooling import SegmentInputError
-from segment.protocol import make_folds
-from segment.superpixels import SuperpixelParams, superpixels
+from segment.data.protocol import make_folds
+from segment.data.superpixels import SuperpixelParams, superpixels
 from segment.train import SegmenterConfig, training_sampler
 
 

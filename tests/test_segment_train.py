@@ -16,7 +16,7 @@ import torch
 
 from segment.pooling import SegmentInputError
 from segment.predict import make_predictor
-from segment.protocol import evaluate, make_folds
+from segment.data.protocol import evaluate, make_folds
 from segment.train import CheckpointError, SegmenterConfig, finetune, load, train
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from segment.phantom import phantom_volume
-from segment.slices import prepare
-from segment.volumes import load_spec
+from segment.data.phantom import phantom_volume
+from segment.data.slices import prepare
+from segment.data.volumes import load_spec
 
 
 def test_slices_are_normalised_resized_and_labelled(phantom_dir, tmp_path):
@@ -86,7 +86,7 @@ def test_native_labels_are_kept_beside_the_working_slices_and_cached(phantom_dir
 
 def test_slice_cache_version_is_in_the_key(phantom_dir, monkeypatch):
     # A folder written before native labels were kept (version 1) must never be read as a new one.
-    from segment import slices
+    from segment.data import slices
     spec = load_spec(phantom_dir / "dataset.toml")
     ids = ["1", "2"]
     now = slices.cache_key(spec, phantom_dir, ids, 32)
@@ -97,7 +97,7 @@ def test_slice_cache_version_is_in_the_key(phantom_dir, monkeypatch):
 def test_native_labels_must_have_one_slice_per_working_slice():
     import pytest
 
-    from segment.slices import Volume
-    from segment.volumes import DataError
+    from segment.data.slices import Volume
+    from segment.data.volumes import DataError
     with pytest.raises(DataError, match=r"volume '7': 3 native label slices but 2 working slices"):
         Volume("7", np.zeros((2, 4, 4), np.float32), np.zeros((2, 4, 4), np.uint8), np.zeros((3, 8, 8), np.uint8))

@@ -6,8 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from segment.slices import prepare
-from segment.volumes import DataError, builtin_specs, load_raw_volume, load_spec
+from segment.data.slices import prepare
+from segment.data.volumes import DataError, builtin_specs, load_raw_volume, load_spec
 
 
 def _cache_is_empty(cache) -> bool:
@@ -119,3 +119,16 @@ def test_spec_class_absent_from_every_label_file(phantom_copy, tmp_path):
     with pytest.raises(DataError, match=r"class\(es\) 'pancreas' \(raw value 7\) appear in no label file"):
         prepare(load_spec(spec_path), phantom_copy, resolution=32, cache_dir=cache)
     assert _cache_is_empty(cache)
+
+
+@pytest.mark.parametrize("diagonal, flips", [((-1, 1, 1), (True, False)),  # LAS, as CHAOS: anterior rows last
+                                             ((1, 1, 1), (True, True)),  # RAS
+                                             ((-1, -1, 1), (False, False))])  # LPS (DICOM): already radiological
+def test_radiological_flips_follow_the_affine(tmp_path, diagonal, flips):
+    import nibabel as nib
+    import numpy as np
+
+    from segment.data.volumes import radiological_flips
+    path = tmp_path / "image_1.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.float32), np.diag([*diagonal, 1.0])), path)
+    assert radiological_flips(path) == flips

@@ -58,8 +58,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from segment.config import PROTOCOLS, SETTINGS  # defined torch-free so configs validate without torch
-from segment.slices import PreparedData, Volume
-from segment.volumes import DataError, DatasetSpec
+from segment.data.slices import PreparedData, Volume
+from segment.data.volumes import DataError, DatasetSpec
 
 GRIDS = ("native", "working")
 

@@ -19,8 +19,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from segment.config import SuperpixelParams  # noqa: F401 (re-exported)
-from segment.integrity import load_verified, write_atomically
-from segment.slices import load_npz
+from segment.data.integrity import load_verified, write_atomically
+from segment.data.slices import load_npz
 
 SUPERPIXELS_VERSION = "1"  # bump when the computation below changes what it writes
 

@@ -2,7 +2,7 @@
 
 A `DatasetSpec` says where a dataset's files are, which raw label values are which class, how to
 normalise intensities and how to form folds. Specs for the benchmark datasets ship with the package
-(`segment/specs/*.toml`); users describe their own data in a TOML file of the same form.
+(`segment/data/specs/*.toml`); users describe their own data in a TOML file of the same form.
 Every problem with the files raises `DataError` naming the file and what was wrong.
 """
 
@@ -210,3 +210,16 @@ def resolve_spec(data_dir: str | Path, spec: str | Path | None) -> DatasetSpec:
         return load_spec(beside)
     raise DataError(f"{data_dir} has no dataset.toml; name a spec ({', '.join(builtin_specs())}) "
                     f"or a spec .toml file")
+
+
+def radiological_flips(path: Path) -> tuple[bool, bool]:
+    """(flip rows, flip columns) that show an axial slice `(H, W)` of the volume at `path` in radiological
+    orientation: anterior at the top (spine at the bottom), the patient's right on the image's left.
+
+    A display step only: slices are stored as the file holds them, (Z, j, i). Read from the header's
+    affine; a volume whose first two axes are not left-right and anterior-posterior is not flipped.
+    """
+    codes = nib.aff2axcodes(nib.load(path).affine)  # e.g. ('L', 'A', 'S'): direction each voxel axis increases to
+    if {codes[0], codes[1]} not in ({"L", "A"}, {"L", "P"}, {"R", "A"}, {"R", "P"}) or codes[0] not in "LR":
+        return False, False
+    return codes[1] == "A", codes[0] == "R"  # rows run top to bottom, columns left to right

@@ -3,7 +3,7 @@
 The cache folder is named by a content hash of everything that decides its contents: the slice code
 version, the dataset spec, the resolution and the bytes of every image and label file. Changing any of
 them gives a new folder, so stale slices cannot be returned. A folder is written under a temporary
-name and renamed into place (`segment.integrity.write_atomically`), so an interrupted run never leaves a
+name and renamed into place (`segment.data.integrity.write_atomically`), so an interrupted run never leaves a
 folder that a later run would trust, and its meta.json records the SHA-256 of every file, checked as
 the slices are read: a damaged folder is moved aside and prepared again.
 """
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from segment.config import RESOLUTIONS
-from segment.integrity import load_verified, sha256_file, write_atomically
-from segment.volumes import DataError, DatasetSpec, find_volume_ids, load_raw_volume
+from segment.data.integrity import load_verified, sha256_file, write_atomically
+from segment.data.volumes import DataError, DatasetSpec, find_volume_ids, load_raw_volume
 
 SLICES_VERSION = "3"  # bump when the preparation below changes what it writes (3: float64 z-score, native labels)
 

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from segment.volumes import SPEC_DIR, DataError
+from segment.data.volumes import SPEC_DIR, DataError
 
 PHANTOM_VERSION = "1"  # bump when a change below changes the files: cached phantoms are then rebuilt
 

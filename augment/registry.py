@@ -1,0 +1,72 @@
+"""Every learned source of synthetic pairs, by name: its config class, how to train it and how to sample it.
+
+The experiment config, the pipeline's stages and `augment.synthesis` look a generator up here and nowhere
+else, so a new source (a learned transform, another generative model) is added by one entry below and its
+own module, touching neither the stages nor the report. The model modules (torch, diffusers) are imported
+only when a generator trains or samples, so reading a config stays torch-free.
+
+A source's module provides `train(config, *, pretrain_pairs, finetune_pairs, provenance, out_dir,
+init_checkpoint) -> Path` and `sample(checkpoint, masks, *, seed, **sampling) -> (images, masks)`, both
+`(N, 1, R, R)`, like `augment.ddpm` and `augment.gan`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from augment.config import DDPMConfig, GANConfig
+
+CLASSICAL = "classical"  # the one source that learns nothing: support image and mask deformed together
+
+
+@dataclass(frozen=True)
+class Generator:
+    """One learned source of pairs.
+
+    `finetune_fields` are read only by the per-class fine-tune and `sampling` maps the config fields read
+    only when sampling to the keyword of the module's `sample`; the pipeline keeps both out of the stages
+    that do not read them, so changing them re-runs exactly what they change.
+    """
+
+    name: str
+    config: type  # a frozen dataclass with resolution, seed and cpu fields
+    module: str  # imported on first use
+    finetune_fields: tuple[str, ...] = ()
+    sampling: tuple[tuple[str, str], ...] = ()  # (config field, keyword of `sample`)
+    sampler_field: str | None = None  # the config field naming the sampler, recorded in a set's manifest
+
+    def train(self, config, **kwargs) -> Path:
+        """Train (pretrain and/or fine-tune) into `out_dir`; see the module's `train`."""
+        return importlib.import_module(self.module).train(config, **kwargs)
+
+    def sample(self, checkpoint: dict, masks, *, seed: int, **sampling):
+        """Images for `masks` `(N, 1, R, R)`; `sampling` holds the keywords of `sampling_options`."""
+        return importlib.import_module(self.module).sample(checkpoint, masks, seed=seed, **sampling)
+
+    def sampling_options(self, config) -> dict:
+        """The keywords `sample` takes, from a config: what a synthesis stage reads of it."""
+        return {keyword: getattr(config, field) for field, keyword in self.sampling}
+
+    def stage_config(self, config, *, keep: tuple[str, ...] = ()):
+        """`config` with the finetune and sampling fields not in `keep` reset to their defaults: the part
+        of it a stage reads (pretraining keeps none, the fine-tune keeps `finetune_fields`)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self.config)}
+        drop = [f for f in (*self.finetune_fields, *(f for f, _ in self.sampling)) if f not in keep]
+        return dataclasses.replace(config, **{f: defaults[f] for f in drop})
+
+
+GENERATORS: dict[str, Generator] = {
+    "ddpm": Generator("ddpm", DDPMConfig, "augment.ddpm", finetune_fields=("finetune_steps", "finetune_lr"),
+                      sampling=(("sampler", "sampler"), ("sample_steps", "steps"), ("sample_batch", "batch_size")),
+                      sampler_field="sampler"),
+    "gan": Generator("gan", GANConfig, "augment.gan", finetune_fields=("finetune_steps", "finetune_lr_scale")),
+}
+
+
+def generator(name: str) -> Generator:
+    """The registered generator `name`; the error lists the known ones."""
+    if name not in GENERATORS:
+        raise KeyError(f"unknown generator {name!r}; registered: {sorted(GENERATORS)}")
+    return GENERATORS[name]

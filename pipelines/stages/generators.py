@@ -1,0 +1,119 @@
+"""Generator stages: superpixels of every slice, a generator pretrained per fold on the unlabelled pool,
+then fine-tuned per class on the fold's support pairs. Generators come from `augment.registry`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from augment.manifest import Provenance, refs
+from augment.registry import generator
+from augment.training import CHECKPOINT_FILE
+from pipelines.stages.base import Stage, StageEntry, context
+from pipelines.stages.inputs import support_pairs
+from segment.config import SuperpixelParams
+from segment.data.protocol import Fold, training_slice_mask
+from segment.data.slices import PreparedData
+
+
+@dataclass(frozen=True, kw_only=True)
+class Superpixels(Stage):
+    """Felzenszwalb superpixels of every slice (label-free), shared by segmenters and generators."""
+
+    name: ClassVar[str] = "superpixels"
+    version: ClassVar[str] = "2"
+    data: PreparedData
+    params: SuperpixelParams
+    cache_dir: str = context()
+
+    @property
+    def label(self) -> str:
+        return self.data.spec.name
+
+    def produce(self, folder: Path) -> None:
+        from segment.data.superpixels import superpixels
+        maps = superpixels(self.data, params=self.params, cache_dir=self.cache_dir)
+        (folder / "volumes.json").write_text(json.dumps({v: int(m.max()) for v, m in maps.items()}))
+
+
+def pretrain_pairs(data: PreparedData, fold: Fold, excluded: tuple[int, ...], setting: int, params: SuperpixelParams,
+                   cache_dir: str, seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], list[tuple[str, int]]]:
+    """Unlabelled pool of a fold: each allowed training slice with one random superpixel as its mask."""
+    from segment.data.superpixels import superpixels
+    maps = superpixels(data, params=params, cache_dir=cache_dir, volume_ids=fold.train)
+    rng = np.random.default_rng(seed)
+    images, masks, used = [], [], []
+    for vid in fold.train:
+        vol = data.volume(vid)
+        allowed = training_slice_mask(vol.labels, excluded, setting)
+        for z in np.flatnonzero(allowed):
+            ids, counts = np.unique(maps[vid][z], return_counts=True)
+            keep = ids[(ids > 0) & (counts >= 0.002 * maps[vid][z].size) & (counts < 0.5 * maps[vid][z].size)]
+            if not len(keep):
+                continue
+            images.append(vol.images[z])
+            masks.append(maps[vid][z] == rng.choice(keep))
+            used.append((vid, int(z)))
+    pairs = (torch.from_numpy(np.stack(images)[:, None].copy()),  # (N, 1, R, R)
+             torch.from_numpy(np.stack(masks)[:, None].astype(np.float32)))
+    return pairs, used
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeneratorPretrain(Stage):
+    """One generator per fold, pretrained on the unlabelled pool of the fold's training volumes; its
+    config holds no fine-tune or sampling field (the registry resets them), so those never re-run it."""
+
+    name: ClassVar[str] = "generator-pretrain"
+    version: ClassVar[str] = "3"
+    generator: str
+    config: Any  # the generator's config class (augment.registry)
+    data: PreparedData
+    fold: Fold
+    excluded: tuple[int, ...]
+    setting: int
+    superpixels: StageEntry
+    superpixel_params: SuperpixelParams  # which superpixel maps make the pool: an input, so in the key
+    cache_dir: str = context()
+
+    @property
+    def label(self) -> str:
+        return f"{self.generator} fold{self.fold.index} s{self.config.seed}"
+
+    def produce(self, folder: Path) -> None:
+        pairs, used = pretrain_pairs(self.data, self.fold, self.excluded, self.setting, self.superpixel_params,
+                                     self.cache_dir, self.config.seed)
+        prov = Provenance(fold=self.fold.index, setting=self.setting, query_volumes=self.fold.queries,
+                          pretrain=tuple(r for v, z in used for r in refs(v, [z])))
+        generator(self.generator).train(self.config, pretrain_pairs=pairs, provenance=prov, out_dir=folder)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeneratorFinetune(Stage):
+    """The fold's pretrained generator fine-tuned on one class's support pairs."""
+
+    name: ClassVar[str] = "generator"
+    version: ClassVar[str] = "3"
+    generator: str
+    config: Any  # with the fine-tune fields, without the sampling ones
+    pretrain: StageEntry
+    data: PreparedData
+    fold: Fold
+    class_name: str
+    setting: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.generator} fold{self.fold.index} s{self.config.seed} {self.class_name}"
+
+    def produce(self, folder: Path) -> None:
+        images, masks, idx = support_pairs(self.data, self.fold, self.class_name)
+        prov = Provenance(fold=self.fold.index, class_name=self.class_name, setting=self.setting,
+                          finetune=refs(self.fold.support, idx), query_volumes=self.fold.queries)
+        generator(self.generator).train(self.config, finetune_pairs=(images, masks), provenance=prov,
+                                        out_dir=folder, init_checkpoint=self.pretrain.path / CHECKPOINT_FILE)

@@ -1,0 +1,55 @@
+"""What several stages read from the prepared data: the protocol's support pairs of a class, the classes
+training may not use, and an arm's synthetic pairs (optionally filtered by mask consistency)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipelines.stages.base import StageEntry
+from segment.data.protocol import Fold, ep1_support_indices, excluded_class_ids
+from segment.data.slices import PreparedData
+
+
+def exclusion_sets(data: PreparedData, classes: tuple[str, ...], setting: int) -> dict[str, tuple[int, ...]]:
+    """Class -> the class ids training may not use as labels. Setting 1 pools every evaluated class, so
+    one model per fold serves them all; Setting 2 keeps one set per exclusion group (the OR rule)."""
+    if setting == 1:
+        pooled = tuple(sorted({i for c in classes for i in excluded_class_ids(data.spec, c, 1)}))
+        return {c: pooled for c in classes}
+    return {c: tuple(sorted(excluded_class_ids(data.spec, c, 2))) for c in classes}
+
+
+def support_pairs(data: PreparedData, fold: Fold, name: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The protocol's support pairs of a class: its EP1 slices of the fold's support volume, (3, 1, R, R)."""
+    vol = data.volume(fold.support)
+    idx = ep1_support_indices(vol.native_labels, data.spec.class_id(name))  # the protocol's slices
+    images = torch.from_numpy(vol.images[idx][:, None].copy())
+    masks = torch.from_numpy((vol.labels[idx] == data.spec.class_id(name))[:, None].astype(np.float32))
+    return images, masks, idx
+
+
+def synthetic_pairs(data: PreparedData, fold: Fold, class_name: str, sets: tuple[StageEntry, ...], *,
+                    base_model: StageEntry | None, min_dice: float,
+                    limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The synthetic pairs of a class from synthesis entries `sets`, (N, 1, R, R) each, at most `limit` per set.
+
+    With `min_dice` > 0, only pairs on which the base segmenter, given the real supports alone, recovers the
+    intended mask with at least that Dice are kept (the mask-consistency filter of the literature).
+    """
+    from augment.quality import mask_consistency
+    from augment.synthesis import load_set
+    from segment import train as seg_train
+    from segment.predict import make_predictor
+    loaded = [load_set(entry.path / "set") for entry in sets]
+    if not loaded:
+        return torch.empty(0, 1, data.resolution, data.resolution), torch.empty(0, 1, data.resolution, data.resolution)
+    images = torch.cat([syn.images[:limit] for syn in loaded])  # (N, 1, R, R)
+    masks = torch.cat([syn.masks[:limit] for syn in loaded])
+    if min_dice > 0 and base_model is not None:
+        real_i, real_m, _ = support_pairs(data, fold, class_name)
+        scores = mask_consistency(make_predictor(seg_train.load(base_model.path / "model.pt")), real_i, real_m,
+                                  images, masks)
+        keep = torch.tensor([d >= min_dice for d in scores["per_pair"]])
+        images, masks = images[keep], masks[keep]
+    return images, masks

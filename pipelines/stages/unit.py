@@ -1,0 +1,139 @@
+"""The plan of an experiment: which stages a config asks for, wired input to output.
+
+This is the one module that reads an `ExperimentConfig`; each stage receives only its own fields.
+
+Honesty rules the plan keeps: a generator learns from the fold's training volumes (superpixel masks,
+no labels) and the fold's support pairs only; every synthetic set's manifest is checked against the
+fold's query volumes before use; segmenters never see a test-class label; every arm of a (fold, seed)
+unit is fine-tuned for the same number of steps, from the same base model, on the same real supports,
+and scored on the same query volumes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from augment.manifest import validate_manifest
+from augment.registry import CLASSICAL, generator
+from pipelines.config import ExperimentConfig, as_dict
+from pipelines.stages.base import StageEntry, StageRunner
+from pipelines.stages.evaluate import EvalRef, Evaluate
+from pipelines.stages.generators import GeneratorFinetune, GeneratorPretrain, Superpixels
+from pipelines.stages.inputs import exclusion_sets
+from pipelines.stages.report import Report, provenance
+from pipelines.stages.segmenters import Finetune, Segmenter
+from pipelines.stages.synthesis import Quality, Synthesis
+from segment.config import SegmenterConfig, SuperpixelParams
+from segment.data.protocol import Fold, make_folds
+from segment.data.slices import PreparedData
+from segment.data.volumes import radiological_flips
+
+
+@dataclass(frozen=True)
+class UnitArtifacts:
+    """What one (fold, seed) unit hands the report besides its rows."""
+
+    fold: int
+    seed: int
+    synth: dict[tuple[str, str], StageEntry]  # (source, class) -> synthetic set
+    evals: tuple[EvalRef, ...]
+    quality: tuple[StageEntry, ...]
+
+
+def segmenter_config(cfg: ExperimentConfig, model: str, seed: int) -> SegmenterConfig:
+    return SegmenterConfig.from_dict({**cfg.segment, "model": model, "resolution": cfg.data.resolution,
+                                      "seed": seed, "cpu": cfg.run.cpu})
+
+
+def generator_config(cfg: ExperimentConfig, name: str, seed: int):
+    return generator(name).config(**{**cfg.generators[name], "resolution": cfg.data.resolution, "seed": seed,
+                                     "cpu": cfg.run.cpu})
+
+
+def superpixel_stage(cfg: ExperimentConfig, data: PreparedData) -> Superpixels:
+    """Superpixels at the scale of the [segment] config, which generators and segmenters both read."""
+    params = SuperpixelParams(scale=segmenter_config(cfg, "prototype", 0).superpixel_scale)
+    return Superpixels(data=data, params=params, cache_dir=cfg.run.cache)
+
+
+def _synthesis(cfg, data, fold, seed, source, c, excluded, sp: Superpixels, sp_entry, runner) -> StageEntry:
+    """A class's synthetic set from one source (a generator pretrained and fine-tuned first where it needs one)."""
+    gen_entry, sampling = None, {}
+    if source != CLASSICAL:
+        gen, config = generator(source), generator_config(cfg, source, seed)
+        pre = runner(GeneratorPretrain(generator=source, config=gen.stage_config(config), data=data, fold=fold,
+                                       excluded=excluded, setting=cfg.protocol.setting, superpixels=sp_entry,
+                                       superpixel_params=sp.params, cache_dir=cfg.run.cache))
+        gen_entry = runner(GeneratorFinetune(generator=source, config=gen.stage_config(config, keep=gen.finetune_fields),
+                                             pretrain=pre, data=data, fold=fold, class_name=c,
+                                             setting=cfg.protocol.setting))
+        sampling = gen.sampling_options(config)
+    entry = runner(Synthesis(source=source, class_name=c, n=cfg.synthesis.n_pairs, seed=seed, data=data, fold=fold,
+                             generator=gen_entry, sampling=sampling))
+    validate_manifest(json.loads((entry.path / "set" / "manifest.json").read_text()), fold.queries)  # on the cache
+    return entry
+
+
+def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, classes: tuple[str, ...],
+             sp_entry: StageEntry, runner: StageRunner) -> tuple[list[dict], UnitArtifacts]:
+    """Every stage of one (fold, seed) unit; returns its Dice rows and the artifacts for the report."""
+    excl = exclusion_sets(data, classes, cfg.protocol.setting)
+    sp = superpixel_stage(cfg, data)
+    # 1. synthetic pairs per source and class (generators first where a source needs one)
+    synth = {(s, c): _synthesis(cfg, data, fold, seed, s, c, excl[c], sp, sp_entry, runner)
+             for s in cfg.sources for c in classes}
+    # 2. per model: base segmenter per exclusion set, fine-tuned per arm and class, then scored
+    rows, evals, quality = [], [], []
+    for model in cfg.models:
+        bases = {e: runner(Segmenter(config=segmenter_config(cfg, model, seed), data=data, fold=fold, excluded=e,
+                                     setting=cfg.protocol.setting, superpixels=sp_entry, cache_dir=cfg.run.cache))
+                 for e in sorted(set(excl.values()))}
+        base_of = {c: bases[excl[c]] for c in classes}
+        if model == cfg.models[0]:  # 3. quality of every synthetic set, judged by the first model's base segmenter
+            quality += [runner(Quality(source=s, class_name=c, seed=seed, data=data, fold=fold, synthesis=entry,
+                                       base=base_of[c])) for (s, c), entry in synth.items()]
+        for arm in cfg.arms:
+            syn = arm.synthesis(cfg.synthesis)  # the arm's named overrides
+            arm_sets = {c: tuple(synth[s, c] for s in arm.sources) for c in classes}
+            tuned = {c: runner(Finetune(base=base_of[c], class_name=c, steps=syn.finetune_steps, seed=seed,
+                                        filter_dice=syn.filter_dice, data=data, fold=fold, synthesis=arm_sets[c],
+                                        log_label=f"{model} {arm.name} fold{fold.index} s{seed} {c}"))
+                     if syn.in_training else base_of[c] for c in classes}
+            pools = {c: _synthetic_pool(tuned[c].path) if arm.sources and syn.in_training else None for c in classes}
+            at_test = syn.at_test and any(arm_sets.values())
+            for protocol in cfg.protocol.protocols:
+                entry = runner(Evaluate(
+                    model=model, arm=arm.name, role=arm.role, protocol=protocol, classes=classes, seed=seed,
+                    data=data, fold=fold, tuned=tuned, test_supports=arm_sets if at_test else {},
+                    bases=base_of if at_test and syn.filter_dice > 0 else {},
+                    max_test_supports=syn.max_test_supports if at_test else 0,
+                    filter_dice=syn.filter_dice if at_test else 0.0, overlays=cfg.run.overlays))
+                rows += [r | {"synthetic_pairs": pools[r["class"]]}
+                         for r in json.loads((entry.path / "rows.json").read_text())["rows"]]
+                evals.append(EvalRef(model, arm.name, protocol, fold.index, seed, entry))
+    return rows, UnitArtifacts(fold.index, seed, synth, tuple(evals), tuple(quality))
+
+
+def _synthetic_pool(finetune_dir: Path) -> int:
+    """How many synthetic pairs the filter kept for a fine-tune (its pool.json)."""
+    return int(json.loads((finetune_dir / "pool.json").read_text())["synthetic"])
+
+
+def report_stage(cfg: ExperimentConfig, data: PreparedData, rows: list[dict], units: list[UnitArtifacts],
+                 failed_units: list[dict] = ()) -> Report:
+    """The report of every finished unit; the first unit's synthetic sets are drawn."""
+    first = units[0]
+    pairs: dict[str, dict[str, StageEntry]] = {}
+    for (s, c), entry in first.synth.items():
+        pairs.setdefault(c, {})[s] = entry
+    threshold = max([a.synthesis(cfg.synthesis).filter_dice for a in cfg.arms] + [0.0]) or 0.5
+    return Report(experiment=cfg.name, config=as_dict(cfg), data=data, arms=tuple(a.name for a in cfg.arms),
+                  protocols=cfg.protocol.protocols, models=cfg.models, overlays=cfg.run.overlays, filter_dice=threshold,
+                  postprocess=cfg.protocol.postprocess, rows=tuple(rows),
+                  evals=tuple(e for u in units for e in u.evals), quality=tuple(q for u in units for q in u.quality),
+                  pairs=pairs, first_fold=make_folds(data.ids, data.spec.n_folds)[first.fold],
+                  units=tuple((u.fold, u.seed) for u in units), failed_units=tuple(failed_units),
+                  provenance=provenance(cfg.run.cpu),
+                  flips=radiological_flips(data.source / data.spec.image_pattern.format(id=data.ids[0])))

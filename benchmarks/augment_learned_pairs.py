@@ -40,10 +40,10 @@ from augment.registration import RegistrationConfig, load_registration, train_re
 from augment.synthesis import save_grid  # noqa: E402
 from augment.warped_pairs import (PairChecks, fit_z_maps, oracle_pairs, register_candidates,  # noqa: E402
                                   select_pairs, warp_pair)
-from segment.phantom import write_phantom  # noqa: E402
-from segment.protocol import ep1_support_indices, make_folds  # noqa: E402
-from segment.slices import prepare  # noqa: E402
-from segment.volumes import load_spec  # noqa: E402
+from segment.data.phantom import write_phantom  # noqa: E402
+from segment.data.protocol import ep1_support_indices, make_folds  # noqa: E402
+from segment.data.slices import prepare  # noqa: E402
+from segment.data.volumes import load_spec  # noqa: E402
 
 REFERENCE = {"no warp, same relative z": 33.9, "bbox affine + TV-L1, same relative z": 46.8,
              "VoxelMorph 2D, same relative z": 40.7, "no warp, organ-relative position": 49.9,
@@ -160,7 +160,7 @@ def summarise_accuracy(rows: list[dict]) -> dict:
 def downstream(args, data, fold, pools: dict, base: str) -> dict:
     """(e) EP1 Dice per class and arm: the base prototype net fine-tuned on each pool (one fold, one seed)."""
     from segment.predict import make_predictor
-    from segment.protocol import evaluate
+    from segment.data.protocol import evaluate
     from segment.train import SegmenterConfig, finetune, load, train
 
     runs = Path(args.runs) / f"{data.spec.name}-{data.key}" / f"fold{fold.index}"

@@ -13,8 +13,8 @@ from augment.pairs import PairError
 from augment.registration import (Registration, RegistrationConfig, RegistrationModel, compose_affine, fit_z_map,
                                   folded_share, load_registration, map_slice, train_registration)
 from augment.warped_pairs import PairChecks, learned_pairs, oracle_pairs, pair_problem, warp_pair
-from segment.phantom import phantom_volume
-from segment.protocol import ep1_support_indices
+from segment.data.phantom import phantom_volume
+from segment.data.protocol import ep1_support_indices
 
 RES = 32
 TINY = RegistrationConfig(resolution=RES, channels=(4, 8, 8, 8), final_channels=(4,), steps=2, batch_size=2,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -138,7 +139,7 @@ class Report(Stage):
             save_grid(grid, folder / name, title=f"{c}: real supports and synthetic pairs (fold {self.first_fold.index})",
                       flips=self.flips)
             figures[f"Synthetic pairs, {c}"] = name
-        context = {"experiment": self.experiment, "dataset": self.data.spec.to_dict(), "data": str(self.data.source),
+        context = {"experiment": self.experiment, "dataset": self.data.spec.to_dict(), "data": os.path.relpath(self.data.source),
                    "data_key": self.data.key, "resolution": self.data.resolution, "config": self.config,
                    "versions": _versions(), "provenance": self.provenance, "units": [list(u) for u in self.units],
                    "failed_units": list(self.failed_units)}

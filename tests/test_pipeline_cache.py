@@ -9,6 +9,7 @@ import multiprocessing as mp
 import os
 import signal
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,13 @@ def test_the_cheap_check_sees_sizes_missing_and_extra_files_and_a_bad_record(tmp
     assert cache.run("s", "k", lambda f: (f / "x").write_text("x")).ran and cache.done("s", "k")
 
 
+def _killed_holder(path: Path) -> None:
+    """A lock left by a holder killed on this machine: its owner file names a process that is gone."""
+    from segment.data.locks import OWNER, Owner, machine_id
+    path.mkdir(parents=True)
+    (path / OWNER).write_text(json.dumps(asdict(Owner(machine_id(), os.getpid(), "not-this-process", "t"))))
+
+
 def _hold(root: str, folder: str, ready, release) -> None:
     from segment.data.integrity import lock
     with lock(Path(root), Path(folder)):
@@ -157,8 +165,7 @@ def test_gc_removes_lock_files_nobody_holds_and_keeps_held_ones(tmp_path):
     from segment.data.integrity import lock_path
     cache = StageCache(tmp_path)
     stale = lock_path(tmp_path, tmp_path / "stages" / "s" / "dead")
-    stale.parent.mkdir(parents=True)
-    stale.write_text("")  # its holder was killed: the kernel released the lock, the file stayed
+    _killed_holder(stale)
     ctx = mp.get_context("spawn")
     ready, release = ctx.Event(), ctx.Event()
     holder = ctx.Process(target=_hold, args=(str(tmp_path), str(tmp_path / "stages" / "s" / "live"), ready, release))
@@ -166,8 +173,25 @@ def test_gc_removes_lock_files_nobody_holds_and_keeps_held_ones(tmp_path):
     try:
         assert ready.wait(30)
         held = lock_path(tmp_path, tmp_path / "stages" / "s" / "live")
-        assert cache.gc() == [stale] and held.is_file() and not stale.exists()
+        assert cache.gc() == [stale] and held.is_dir() and not stale.exists()
     finally:
         release.set()
         holder.join()
     assert not held.exists()  # its holder deleted it on release
+
+
+def test_an_entry_is_written_under_a_lease_lock_that_names_its_holder(tmp_path):
+    """The lock is an atomic-mkdir folder with an owner file (correct on NFS), not an fcntl lock."""
+    from segment.data.integrity import lock_path
+    from segment.data.locks import OWNER
+    cache = StageCache(tmp_path)
+    seen = {}
+
+    def produce(folder: Path) -> None:
+        held = lock_path(tmp_path, cache.folder("s", "k"))
+        seen["owner"] = json.loads((held / OWNER).read_text())
+        (folder / "x").write_text("x")
+
+    cache.run("s", "k", produce)
+    assert seen["owner"]["pid"] == os.getpid()
+    assert not lock_path(tmp_path, cache.folder("s", "k")).exists()  # removed on release

@@ -7,8 +7,9 @@ written last with the size, time and SHA-256 of every other file, and the folder
 in one step. A reader checks a folder against its marker: `problem(hashes=False)` compares sizes and
 times (a file whose time moved is hashed), `problem(hashes=True)` and `read_verified` compare hashes.
 A bad folder is moved, with one warning naming it and the file, to `ROOT/quarantine/` and rebuilt by
-its next writer. Each folder has one lock file under `ROOT/locks/` (fcntl, released by the kernel when
-a process dies) that its writer holds, and that the last holder deletes, so lock files do not pile up.
+its next writer. Each folder has one lock under `ROOT/locks/` (`segment.data.locks.LeaseLock`: an atomic mkdir
+with an owner file, correct on NFS; a holder killed by kill -9 is taken over at once) that its writer
+holds and removes on release, so locks do not pile up.
 
 This module is the project's one file hasher and one atomic folder writer; it imports no torch, so the
 pipelines' stage cache uses it too.
@@ -16,7 +17,6 @@ pipelines' stage cache uses it too.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
+
+from segment.data.locks import LeaseLock
 
 log = logging.getLogger("supportforge.cache")
 
@@ -136,31 +138,22 @@ def lock(root: Path, folder: Path, *, blocking: bool = True) -> Iterator[bool]:
 
 @contextmanager
 def hold(path: Path, *, blocking: bool = True) -> Iterator[bool]:
-    """Hold the lock file `path` (yields True), or with `blocking=False` yield False when another holds it.
+    """Hold the lock `path` (yields True), or with `blocking=False` yield False when another holds it.
 
-    The holder deletes the file on release; a process that was waiting on the deleted file sees that the
-    path no longer names the file it locked, and locks the new one instead.
+    A lock is a `LeaseLock` folder (an atomic mkdir with an owner file), which holds on NFS, where fcntl
+    locks may not; a holder killed on this machine is taken over at once, one on a dead node after its
+    lease. The holder removes the lock on release, so locks do not pile up.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            yield False
-            return
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # the file was deleted while we waited: lock the one now at `path`
+    if path.is_file():  # a lock file of the fcntl era: the kernel released it with its holder
+        path.unlink(missing_ok=True)
+    lease = LeaseLock(path)
+    if not lease.acquire(blocking=blocking):
+        yield False
+        return
     try:
         yield True
     finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
+        lease.release()
 
 
 def quarantine(root: Path, folder: Path, reason: str) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.locks import OWNER, LeaseLock, Owner, machine_id, process_start
+from segment.data.locks import OWNER, LeaseLock, Owner, machine_id, process_start
 
 ROOT = Path(__file__).parents[1]
 
@@ -49,7 +49,7 @@ def test_one_holder_at_a_time_and_release_removes_the_lock(tmp_path):
 def test_a_holder_killed_on_this_machine_is_taken_over_at_once(tmp_path):
     path = tmp_path / "entry.lock"
     proc = _python(f"""
-        from pipelines.locks import LeaseLock
+        from segment.data.locks import LeaseLock
         LeaseLock({str(path)!r}).acquire()
         print("held", flush=True)
         import time; time.sleep(60)
@@ -106,7 +106,7 @@ def test_processes_never_hold_together_even_while_taking_over_a_stale_lock(tmp_p
     _fake_holder(path, machine=machine_id(), pid=_dead_pid(), start="0")  # killed before the race starts
     workers = [_python(f"""
         import time
-        from pipelines.locks import LeaseLock
+        from segment.data.locks import LeaseLock
         for _ in range(20):
             with LeaseLock({str(path)!r}, poll_s=0.001):
                 n = int(open({str(counter)!r}).read())

@@ -65,7 +65,7 @@ PROFILES = {  # name -> (resolution, DDPM overrides, GAN overrides)
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="/work/shared/data/chaos_t2")
+    p.add_argument("--data", default="../shared/data/chaos_t2", help="data folder (relative: to the repo root)")
     p.add_argument("--cache", default=str(ROOT / ".cache"))
     p.add_argument("--runs", default=str(ROOT / "runs" / "augment_generators"), help="checkpoints")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -218,7 +218,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     # 1. data, fold and the unlabelled pretraining pool (training volumes only)
     spec = load_spec("abd_mri")
-    data = prepare(spec, args.data, resolution=res, cache_dir=args.cache)
+    data = prepare(spec, ROOT / args.data, resolution=res, cache_dir=args.cache)  # a relative --data: from the repo root
     fold = make_folds(list(data.ids), spec.n_folds)[args.fold]
     sp_maps = superpixels(data, cache_dir=args.cache, volume_ids=fold.train)
     pre_x, pre_m, pre_ids = pretrain_pool(data, fold, sp_maps, args.seed)

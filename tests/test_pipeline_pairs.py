@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from augment.config import LearnedConfig
 from augment.manifest import LeakageError
@@ -187,3 +188,24 @@ def test_training_on_a_query_volume_is_refused_before_anything_is_written(phanto
         volume_source("learned").train(LearnedConfig(resolution=32, channels=(8, 16, 16, 8), steps=1),
                                        volumes=volumes, fold=0, query_volumes=fold.queries, out_dir=tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_finetune_draws_the_synthetic_share_of_episodes_from_the_synthetic_pairs(pairs_run, monkeypatch, tmp_path):
+    from segment import train as seg_train
+    from segment.pooling import SegmentInputError
+    _, cache = pairs_run
+    base = next((cache / "stages" / "segmenter").glob("*/model.pt"))
+    seen = {}
+    monkeypatch.setattr(seg_train, "_fit", lambda model, sampler, *a, **k: seen.setdefault("sampler", sampler))
+    def pairs(n: int) -> tuple[torch.Tensor, torch.Tensor]:  # (n, 1, 32, 32): noise with a square organ
+        masks = torch.zeros(n, 1, 32, 32)
+        masks[..., 8:20, 8:20] = 1.0
+        return torch.rand(n, 1, 32, 32, generator=torch.Generator().manual_seed(n)), masks
+
+    real, syn = pairs(3), pairs(9)
+    seg_train.finetune(base, *real, out_dir=tmp_path / "ft", steps=2, synthetic=syn, synthetic_share=0.25)
+    sampler = seen["sampler"]
+    assert sampler.names == ("pairs", "synthetic") and list(sampler.weights) == [0.75, 0.25]
+    assert [len(s.images) for s in sampler.samplers] == [3, 9]  # real and synthetic sampled separately
+    with pytest.raises(SegmentInputError, match=r"synthetic_share = 0.5 needs synthetic pairs and a value in \[0, 1\)"):
+        seg_train.finetune(base, *real, out_dir=tmp_path / "ft2", steps=2, synthetic_share=0.5)

@@ -128,6 +128,8 @@ def test_learned_set_records_its_volumes_and_checks_and_oracle_its_true_slices(p
     assert oracle["diagnostic"] is True and {s["volume"] for s in oracle["source"]} <= set(fold.train)
     train = json.loads(next((cache / "stages" / "source-train").glob("*/config.json")).read_text())
     assert {r["volume"] for r in train["provenance"]["pretrain"]} == set(fold.train)
+    evaluated = [json.loads(p.read_text())["fields"] for p in (cache / "stages" / "evaluate").glob("*/stage.json")]
+    assert len(evaluated) == 3 and all(e["test_supports"] == {} for e in evaluated)  # at_test is off by default
     pools = [json.loads(p.read_text()) for p in (cache / "stages" / "finetune").glob("*/pool.json")]
     assert sorted((p["synthetic"], p["synthetic_share"]) for p in pools) == [(0, None), (3, 0.5), (3, 0.5)]
 

@@ -120,3 +120,64 @@ class DeformConfig:
         if self.drop_fragment_px < 0:
             raise ValueError(f"DeformConfig.drop_fragment_px must be >= 0 (0 keeps every fragment), "
                              f"got {self.drop_fragment_px}")
+
+
+@dataclass(frozen=True)
+class LearnedConfig:
+    """The learned-transform source (`augment.learned`): a registration model trained per fold on the images
+    of the fold's training volumes, and the label-free checks every warped pair passes before use.
+
+    The first block defines the model (`augment.registration.RegistrationConfig`); the second is read only
+    when pairs are made (`pair_fields` of the registry), so changing a threshold never retrains the model.
+    Defaults are those chosen on the training volumes' label accuracy and the phantom, never on test Dice.
+    """
+    resolution: int = 128
+    channels: tuple[int, ...] = (16, 32, 32, 32)
+    final_channels: tuple[int, ...] = (16,)
+    integration_steps: int = 7
+    steps: int = 400
+    bending_weight: float = 0.1
+    batch_size: int = 8
+    lr: float = 1e-3
+    pool_size: int = 256
+    candidates: int = 3
+    # read only when making pairs
+    z_window: int = 1                  # slices searched around the volume-level slice correspondence
+    max_folded_share: float = 0.005    # share of pixels with Jacobian determinant <= 0
+    min_similarity: float = 0.15       # mean squared LNCC with the target slice
+    min_area_ratio: float = 0.5        # warped mask area over the support mask's
+    max_area_ratio: float = 2.0
+    min_fragment_px: int = 12
+    appearance: bool = True            # histogram-match each warped support to another subject's slice
+    seed: int = 0
+    cpu: bool = True
+
+    def __post_init__(self):
+        if len(self.channels) < 2 or len(self.channels) % 2:
+            raise ValueError(f"LearnedConfig.channels={self.channels} must be an even number of widths")
+        if self.resolution % 2 ** (len(self.channels) // 2):
+            raise ValueError(f"LearnedConfig.resolution={self.resolution} must be divisible by "
+                             f"2**{len(self.channels) // 2} for channels={self.channels}")
+        for name in ("steps", "batch_size", "pool_size", "candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LearnedConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("integration_steps", "z_window", "min_fragment_px"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"LearnedConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.bending_weight < 0:
+            raise ValueError(f"LearnedConfig.bending_weight must be >= 0, got {self.bending_weight}")
+        if not 0 <= self.max_folded_share <= 1 or not -1 <= self.min_similarity <= 1:
+            raise ValueError(f"LearnedConfig needs max_folded_share in [0, 1] and min_similarity in [-1, 1], got "
+                             f"{self.max_folded_share}, {self.min_similarity}")
+        if not 0 < self.min_area_ratio <= 1 <= self.max_area_ratio:
+            raise ValueError(f"LearnedConfig needs 0 < min_area_ratio <= 1 <= max_area_ratio, got "
+                             f"{self.min_area_ratio}, {self.max_area_ratio}")
+
+
+@dataclass(frozen=True)
+class OracleConfig:
+    """The oracle source (`augment.oracle`, diagnostic only): real training slices with their TRUE labels at
+    the EP1 relative positions. It has nothing to set; the runner sets these fields."""
+    resolution: int = 128
+    seed: int = 0
+    cpu: bool = True

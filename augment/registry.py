@@ -8,6 +8,13 @@ only when a generator trains or samples, so reading a config stays torch-free.
 A source's module provides `train(config, *, pretrain_pairs, finetune_pairs, provenance, out_dir,
 init_checkpoint) -> Path` and `sample(checkpoint, masks, *, seed, **sampling) -> (images, masks)`, both
 `(N, 1, R, R)`, like `augment.ddpm` and `augment.gan`.
+
+A volume source (`VolumeSource`, e.g. the learned transforms) works from whole volumes instead: its
+optional per-fold model learns from the IMAGES of the fold's training volumes, `train(config, *, volumes,
+fold, query_volumes, out_dir) -> Path`, and `make_set(checkpoint, *, support, support_volume,
+support_slices, volumes, labels, n, seed, fold, class_name, query_volumes, **pair_options) -> SyntheticSet`
+makes a class's pairs from its support slices. `labels` (the class's labels of the training volumes) is
+given only to a source marked `reads_labels`, which the experiment config allows only in diagnostic arms.
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from augment.config import DDPMConfig, GANConfig
+from augment.config import DDPMConfig, GANConfig, LearnedConfig, OracleConfig
 
 CLASSICAL = "classical"  # the one source that learns nothing: support image and mask deformed together
 
@@ -63,6 +70,55 @@ GENERATORS: dict[str, Generator] = {
                       sampler_field="sampler"),
     "gan": Generator("gan", GANConfig, "augment.gan", finetune_fields=("finetune_steps", "finetune_lr_scale")),
 }
+
+
+@dataclass(frozen=True)
+class VolumeSource:
+    """A source of pairs made from whole volumes of the fold (see the module docstring).
+
+    `pair_fields` are read only by `make_set`: the training stage's config has them reset to their defaults,
+    so changing one never retrains the model. `needs_section`: an arm may use the source only if the
+    experiment config has a [generators.NAME] section (a source with nothing to set needs none).
+    """
+
+    name: str
+    config: type  # a frozen dataclass with resolution, seed and cpu fields
+    module: str  # imported on first use
+    trains: bool = True  # a per-fold model trained on the images of the fold's training volumes
+    reads_labels: bool = False  # reads the training volumes' TRUE labels of the class: diagnostic only
+    pair_fields: tuple[str, ...] = ()
+    needs_section: bool = True
+
+    def train(self, config, **kwargs) -> Path:
+        return importlib.import_module(self.module).train(config, **kwargs)
+
+    def make_set(self, checkpoint: Path | None, **kwargs):
+        return importlib.import_module(self.module).make_set(checkpoint, **kwargs)
+
+    def pair_options(self, config) -> dict:
+        """The keywords of `make_set` that come from the config."""
+        return {f: getattr(config, f) for f in self.pair_fields}
+
+    def train_config(self, config):
+        """`config` with the pair fields reset to their defaults: what the training stage reads."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self.config)}
+        return dataclasses.replace(config, **{f: defaults[f] for f in self.pair_fields})
+
+
+VOLUME_SOURCES: dict[str, VolumeSource] = {
+    "learned": VolumeSource("learned", LearnedConfig, "augment.learned",
+                            pair_fields=("z_window", "max_folded_share", "min_similarity", "min_area_ratio",
+                                         "max_area_ratio", "min_fragment_px", "appearance")),
+    "oracle": VolumeSource("oracle", OracleConfig, "augment.oracle", trains=False, reads_labels=True,
+                           needs_section=False),
+}
+
+
+def volume_source(name: str) -> VolumeSource:
+    """The registered volume source `name`; the error lists the known ones."""
+    if name not in VOLUME_SOURCES:
+        raise KeyError(f"unknown volume source {name!r}; registered: {sorted(VOLUME_SOURCES)}")
+    return VOLUME_SOURCES[name]
 
 
 def generator(name: str) -> Generator:

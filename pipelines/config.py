@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from augment.registry import CLASSICAL, GENERATORS  # torch-free: the models load only to train or sample
+from augment.registry import CLASSICAL, GENERATORS, VOLUME_SOURCES  # torch-free: the models load only to train or sample
 from segment.config import MODELS, PROTOCOLS, RESOLUTIONS, SETTINGS  # torch-free: loading a config imports no torch
 ROLES = ("baseline", "control", "augmented", "diagnostic")  # what an arm is for in the tests; its name is a label
 
@@ -118,14 +118,20 @@ class SynthesisConfig:
     n_pairs: int = 16  # synthetic pairs per fold, class and source
     in_training: bool = True  # fine-tune on the novel class's enlarged support pool
     finetune_steps: int = 100  # the same for every arm, real-only included
-    at_test: bool = True  # add the pairs to the support set at test time
+    at_test: bool = False  # also add the pairs to the support set at test time (off: they enter by fine-tuning)
     max_test_supports: int = 8  # synthetic pairs of each source added at test time, at most
     filter_dice: float = 0.0  # keep only pairs whose mask the real-data segmenter recovers with this Dice (0: all)
+    synthetic_share: float | None = None  # share of each fine-tuning batch drawn from the synthetic pairs (None:
+    #                                       uniform over the pooled real and synthetic pairs)
 
     def __post_init__(self) -> None:
         for key in ("n_pairs", "finetune_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"[synthesis] {key} = {getattr(self, key)}; it must be >= 1")
+        if self.synthetic_share is not None and not 0.0 <= self.synthetic_share < 1.0:
+            raise ConfigError(f"[synthesis] synthetic_share = {self.synthetic_share}; it is the share of each "
+                              f"fine-tuning batch drawn from the synthetic pairs, in [0, 1) (the real supports "
+                              f"keep the rest), or leave it out to sample the pooled pairs uniformly")
         _check_pair_use("[synthesis]", self.filter_dice, self.max_test_supports)
 
 
@@ -230,6 +236,7 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         _no_repeats("models", self.models)
         check_roles(self.arms, diagnostic=self.protocol.diagnostic)
+        check_label_sources(self.arms)
         if self.data.path is None:
             return
         data = Path(self.data.path).resolve()
@@ -341,7 +348,7 @@ def _check_stage_sections(raw: dict, source: str) -> None:
     """[segment] and [generators.NAME] against the stages' own config dataclasses."""
     from segment.config import SegmenterConfig
 
-    kinds = {name: gen.config for name, gen in GENERATORS.items()}
+    kinds = {name: gen.config for name, gen in (GENERATORS | VOLUME_SOURCES).items()}
     runner_owned = {"model", "resolution", "seed", "cpu"}  # set per stage run from [data], [protocol], [run]
     sections = [("segment", SegmenterConfig, raw.get("segment", {}))]
     for name, table in raw.get("generators", {}).items():
@@ -396,11 +403,22 @@ def check_roles(arms: tuple[Arm, ...], *, diagnostic: bool) -> None:
                           f"[protocol] diagnostic = true, or give them another role")
 
 
+def check_label_sources(arms: tuple[Arm, ...]) -> None:
+    """A source that reads the training volumes' true labels (the oracle) only in a diagnostic arm."""
+    for arm in arms:
+        labelled = [s for s in arm.sources if s in VOLUME_SOURCES and VOLUME_SOURCES[s].reads_labels]
+        if labelled and arm.role != "diagnostic":
+            raise ConfigError(f"[arms.{arm.name}] sources = {list(arm.sources)} with role = {arm.role!r}: {labelled} "
+                              f"read the training volumes' true labels, which Setting 1 forbids; such an arm needs "
+                              f"role = \"diagnostic\" and [protocol] diagnostic = true")
+
+
 def _check_arms(arms: tuple[Arm, ...], generators: dict, source: str) -> None:
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: arm names repeat: {names}")
-    known = (CLASSICAL, *sorted(generators))
+    sectionless = [n for n, s in VOLUME_SOURCES.items() if not s.needs_section]
+    known = (CLASSICAL, *sorted(set(generators) | set(sectionless)))
     for arm in arms:
         for s in arm.sources:
             if s not in known:

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipelines.config import ROLES  # noqa: E402
-from pipelines.stats import ALL, arm_roles, paired_tests, summarise  # noqa: E402
+from pipelines.stats import ALL, arm_roles, gap_closed, paired_tests, summarise  # noqa: E402
 from segment.data.volumes import DataError  # noqa: E402
 
 DICE_GRIDS = ("native", "working")
@@ -139,6 +139,23 @@ def verdict_lines(tests: list[dict]) -> list[str]:
     return out
 
 
+def _ceiling_lines(ceiling: list[dict]) -> list[str]:
+    """Diagnostic arms as a ceiling, and each method arm's share of the gap to it (never a verdict)."""
+    if not ceiling:
+        return []
+    lines = ["## Ceiling: diagnostic arms (not a method; never tested, never a verdict)", "",
+             "Share of the gap closed = (arm - baseline) / (ceiling - baseline), on the all-classes mean Dice; "
+             "n/a where the ceiling is not above the baseline.", "",
+             "| protocol | model | arm | mean | baseline | ceiling | gap | share of the gap closed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for g in ceiling:
+        share = "n/a" if g["share_of_gap_closed"] is None else f"{100 * g['share_of_gap_closed']:.0f} %"
+        lines.append(f"| {g['protocol']} | {g['model']} | {g['arm']} | {_fmt(g['mean'])} | {g['baseline']} "
+                     f"{_fmt(g['baseline_mean'])} | {g['ceiling']} {_fmt(g['ceiling_mean'])} | {_fmt(g['gap'])} | "
+                     f"{share} |")
+    return lines + [""]
+
+
 def _quality_table(quality: list[dict], filter_dice: float) -> list[str]:
     """Synthetic-pair quality per source and class, averaged over (fold, seed) units."""
     lines = [f"| source | class | mask consistency (Dice %) | pairs with Dice >= {filter_dice:g} | intensity histogram "
@@ -212,13 +229,15 @@ def json_safe(obj):
 
 def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict], notes: list[str],
                  rows: list[dict], context: dict, figures: dict[str, str], quality: list[dict],
-                 scoring: DiceScoring, filter_dice: float = 0.5) -> None:
-    """report.md + results.json in `out`; `figures` maps a caption to a PNG file name already in `out`."""
+                 scoring: DiceScoring, filter_dice: float = 0.5, ceiling: list[dict] = ()) -> None:
+    """report.md + results.json in `out`; `figures` maps a caption to a PNG file name already in `out`;
+    `ceiling` holds the shares of the gap to the diagnostic arms (`stats.gap_closed`)."""
     protocols = list(dict.fromkeys(r["protocol"] for r in summary))
     has_post = any("mean_post" in r for r in summary)
     lines = [f"# {title}", "", scoring.line(has_post), "", "## Verdict", ""]
     lines += verdict_lines(tests) + [""] + _unit_paragraph(len(tests))
     lines += _failed_units(context.get("failed_units", []))
+    lines += _ceiling_lines(list(ceiling))
     if notes:
         lines += ["## Arms not tested as augmented", ""] + [f"- {n}" for n in notes] + [""]
     for protocol in protocols:
@@ -234,8 +253,8 @@ def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict
     lines += ["## Figures", ""] + [f"![{cap}]({name})" for cap, name in figures.items()] + [""]
     lines += ["## Run", "", "```json", json.dumps(json_safe(context), indent=2, default=str), "```", ""]
     results = {"title": title, "dice_grid": scoring.grid, "postprocess": scoring.postprocess, "quality_filter_dice": filter_dice,
-               "context": context, "summary": summary, "tests": tests, "notes": notes, "quality": quality,
-               "rows": rows}
+               "context": context, "summary": summary, "tests": tests, "ceiling": list(ceiling), "notes": notes,
+               "quality": quality, "rows": rows}
     text = json.dumps(json_safe(results), indent=2, default=str, allow_nan=False)
     (out / "report.md").write_text("\n".join(lines))
     (out / "results.json").write_text(text)
@@ -257,8 +276,10 @@ def build_report(out: Path, *, title: str, rows: list[dict], arms: list[str], co
         name = f"dice_{protocol}.png"
         dice_chart(summary, protocol, out / name, arms=list(order))
         charts[f"Dice per arm, model and class ({protocol})"] = name
+    role = {r["arm"]: r["role"] for r in rows}
+    ceiling = gap_closed([s | {"role": role[s["arm"]]} for s in summary])
     write_report(out, title=title, summary=summary, tests=tests, notes=notes, rows=rows, context=context,
-                 figures=charts | figures, quality=quality, scoring=scoring, filter_dice=filter_dice)
+                 figures=charts | figures, quality=quality, scoring=scoring, filter_dice=filter_dice, ceiling=ceiling)
 
 
 def _no_constant(name: str):

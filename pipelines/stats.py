@@ -38,7 +38,7 @@ FLIP_LIMIT = 9999  # with ties, every sign flip is enumerated while there are at
 class Roles:
     """Which arm plays which part in the tests, from each row's `role` (set by the arm's config), never
     from its name: baseline (the reference of every test), controls (the references of the augmented
-    arms), augmented arms, and diagnostic arms (tested against the baseline, never primary)."""
+    arms), augmented arms, and diagnostic arms (a ceiling: never tested, so never in a verdict or primary)."""
 
     baseline: str | None
     controls: tuple[str, ...]
@@ -47,8 +47,10 @@ class Roles:
     order: tuple[str, ...] = ()  # every arm, in the order given
 
     def comparisons(self) -> list[tuple[str, str]]:
-        """(arm, reference): every other arm against the baseline, then each augmented arm against each control."""
-        out = [(a, self.baseline) for a in self.order if self.baseline and a != self.baseline]
+        """(arm, reference): every method arm against the baseline, then each augmented arm against each
+        control. Diagnostic arms are left out: they are no method, and would only enlarge the Holm family."""
+        out = [(a, self.baseline) for a in self.order
+               if self.baseline and a != self.baseline and a not in self.diagnostic]
         return out + [(a, c) for c in self.controls for a in self.augmented]
 
     def candidates(self) -> tuple[str, ...]:
@@ -270,3 +272,27 @@ def paired_tests(rows: list[dict], *, alpha: float = 0.05, seed: int = 0) -> tup
             max(candidates, key=lambda t: -np.inf if t["mean_diff"] is None else t["mean_diff"])["primary"] = True
         tests += family
     return tests, pool_notes(rows)
+
+
+def gap_closed(summary: list[dict]) -> list[dict]:
+    """Per (protocol, model), each method arm's share of the gap to each diagnostic arm (the ceiling), on the
+    all-classes mean: (arm - baseline) / (ceiling - baseline); None where the gap is <= 0 (no headroom).
+
+    `summary` holds `summarise` rows with `role` added; the means are over the same (fold, seed) units as
+    the summary table.
+    """
+    out = []
+    for (protocol, model), group in _group([r for r in summary if r["class"] == ALL], ("protocol", "model")).items():
+        mean = {r["arm"]: r["mean"] for r in group}
+        role = {r["arm"]: r["role"] for r in group}
+        base = [a for a in mean if role[a] == "baseline"]
+        if not base:
+            continue
+        for ceiling in (a for a in mean if role[a] == "diagnostic"):
+            gap = mean[ceiling] - mean[base[0]]
+            for arm in (a for a in mean if role[a] in ("control", "augmented")):
+                share = (mean[arm] - mean[base[0]]) / gap if gap > 0 else None
+                out.append({"protocol": protocol, "model": model, "arm": arm, "role": role[arm], "baseline": base[0],
+                            "ceiling": ceiling, "mean": mean[arm], "baseline_mean": mean[base[0]],
+                            "ceiling_mean": mean[ceiling], "gap": gap, "share_of_gap_closed": share})
+    return out

@@ -28,6 +28,7 @@ from segment.config import MODELS, SETTINGS, SegmenterConfig, SuperpixelParams  
 from segment.encoder import CheckpointError, EncoderConfig, load_encoder_weights, load_tensors
 from segment.episodes import (AugmentParams, Augmenter, MixedSampler, PairSampler, SuperpixelSampler,
                               SupervisedSampler, collate)
+from segment.pooling import SegmentInputError
 from segment.prototype import PrototypeConfig, PrototypeNet
 from segment.data.superpixels import superpixels
 
@@ -243,11 +244,15 @@ def train(config: SegmenterConfig, data, fold, *, test_class_ids: tuple[int, ...
 
 def finetune(checkpoint: str | Path, images: torch.Tensor, masks: torch.Tensor, *, out_dir: str | Path,
              steps: int = 300, lr: float | None = None, seed: int | None = None, batch: int | None = None,
-             stop_at: int | None = None) -> Path:
+             stop_at: int | None = None, synthetic: tuple[torch.Tensor, torch.Tensor] | None = None,
+             synthetic_share: float = 0.0) -> Path:
     """Adapt a trained segmenter to a novel class from a pool of its (image, mask) pairs `(N, 1, H, W)`.
 
     The pool holds the real supports plus any synthetic pairs; each episode takes a support and a query
-    from it, both augmented. Returns the fine-tuned `model.pt` (same config, `steps` replaced).
+    from it, both augmented. With `synthetic` pairs `(M, 1, H, W)` and `synthetic_share` > 0, each episode
+    is drawn from them with that probability and from `images` otherwise, so the share of synthetic
+    episodes per batch is set rather than following the pool sizes. Returns the fine-tuned `model.pt`
+    (same config, `steps` replaced).
     """
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"segmenter checkpoint {checkpoint} does not exist")
@@ -259,11 +264,19 @@ def finetune(checkpoint: str | Path, images: torch.Tensor, masks: torch.Tensor, 
                                         "checkpoint_every": min(base.checkpoint_every, steps)})
     out_dir = Path(out_dir)
     _check_resumable(out_dir, config)
-    sampler = MixedSampler({"pairs": (PairSampler(images, masks, augment=Augmenter(AugmentParams() if config.augment
-                                                                                    else None),
-                                                  n_supports=config.n_supports, name="finetune pool"), 1.0)})
+    augment = Augmenter(AugmentParams() if config.augment else None)
+    if not 0.0 <= synthetic_share < 1.0 or (synthetic_share > 0 and synthetic is None):
+        raise SegmentInputError(f"synthetic_share = {synthetic_share} needs synthetic pairs and a value in [0, 1)")
+    mix = {"pairs": (PairSampler(images, masks, augment=augment, n_supports=config.n_supports,
+                                 name="finetune pool"), 1.0 - synthetic_share)}
+    if synthetic_share > 0:
+        mix["synthetic"] = (PairSampler(*synthetic, augment=augment, n_supports=config.n_supports,
+                                        name="finetune synthetic pairs"), synthetic_share)
+    sampler = MixedSampler(mix)
     model = build_model(config)
     model.load_state_dict(state["state_dict"])
     meta = {"stage": "finetune", "base_checkpoint": str(checkpoint), "pool_size": int(images.shape[0])}
+    if synthetic_share > 0:
+        meta |= {"synthetic_pairs": int(synthetic[0].shape[0]), "synthetic_share": synthetic_share}
     return _fit(model, sampler, config, out_dir, steps=steps, lr=config.lr, meta=meta, stop_at=stop_at,
                 desc=f"finetune {config.model}")

@@ -292,7 +292,7 @@ def test_the_phantom_is_built_under_the_cache_and_data_folders_are_only_read(pha
 
 def test_loading_a_config_imports_no_torch():
     code = ("import sys, pipelines.config as c\n"
-            "for name in ('demo', 'abd_mri'):\n"
+            "for name in ('demo', 'abd_mri', 'abd_mri_pairs'):\n"
             "    c.load(f'configs/{name}.toml')\n"
             "sys.exit('torch' in sys.modules)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}

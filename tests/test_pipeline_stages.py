@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from augment.config import DDPMConfig
+from augment.config import DDPMConfig, LearnedConfig
 from augment.masks import DeformConfig
 from pipelines.stages.base import KEYED, Stage, StageEntry, identity, stage_classes
 from pipelines.stages.evaluate import EvalRef, Evaluate
-from pipelines.stages.generators import GeneratorFinetune, GeneratorPretrain, Superpixels
+from pipelines.stages.generators import GeneratorFinetune, GeneratorPretrain, SourceTrain, Superpixels
 from pipelines.stages.report import Report
 from pipelines.stages.segmenters import Finetune, Segmenter
 from pipelines.stages.synthesis import Quality, Synthesis
@@ -33,7 +33,8 @@ SAMPLES: list[Stage] = [
               sampling={"steps": 2}, **COMMON),
     Quality(source="ddpm", class_name="liver", seed=0, synthesis=ENTRY, base=ENTRY, **COMMON),
     Segmenter(config=SegmenterConfig(), excluded=(1,), setting=1, superpixels=ENTRY, cache_dir="c", **COMMON),
-    Finetune(base=ENTRY, class_name="liver", steps=3, seed=0, filter_dice=0.5, synthesis=(ENTRY,),
+    SourceTrain(source="learned", config=LearnedConfig(), **COMMON),
+    Finetune(base=ENTRY, class_name="liver", steps=3, seed=0, filter_dice=0.5, synthetic_share=0.5, synthesis=(ENTRY,),
              log_label="a", **COMMON),
     Evaluate(model="prototype", arm="a", role="baseline", protocol="EP1", classes=("liver",), seed=0,
              tuned={"liver": ENTRY}, test_supports={"liver": (ENTRY,)}, bases={"liver": ENTRY},

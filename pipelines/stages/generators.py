@@ -1,5 +1,6 @@
 """Generator stages: superpixels of every slice, a generator pretrained per fold on the unlabelled pool,
-then fine-tuned per class on the fold's support pairs. Generators come from `augment.registry`."""
+then fine-tuned per class on the fold's support pairs, and a volume source's model trained per fold on the
+images of the fold's training volumes. Both come from `augment.registry`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from augment.manifest import Provenance, refs
-from augment.registry import generator
+from augment.registry import generator, volume_source
 from augment.training import CHECKPOINT_FILE
 from pipelines.stages.base import Stage, StageEntry, context
 from pipelines.stages.inputs import support_pairs
@@ -117,3 +118,25 @@ class GeneratorFinetune(Stage):
                           finetune=refs(self.fold.support, idx), query_volumes=self.fold.queries)
         generator(self.generator).train(self.config, finetune_pairs=(images, masks), provenance=prov,
                                         out_dir=folder, init_checkpoint=self.pretrain.path / CHECKPOINT_FILE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceTrain(Stage):
+    """A volume source's model for one fold (e.g. the learned transforms' registration network), trained on
+    the IMAGES of the fold's training volumes: no label is read, and the source refuses a query volume."""
+
+    name: ClassVar[str] = "source-train"
+    version: ClassVar[str] = "1"
+    source: str
+    config: Any  # the source's config without its pair fields (augment.registry)
+    data: PreparedData
+    fold: Fold
+
+    @property
+    def label(self) -> str:
+        return f"{self.source} fold{self.fold.index} s{self.config.seed}"
+
+    def produce(self, folder: Path) -> None:
+        volumes = {vid: self.data.volume(vid).images for vid in self.fold.train}  # (Z, R, R) images only
+        volume_source(self.source).train(self.config, volumes=volumes, fold=self.fold.index,
+                                         query_volumes=self.fold.queries, out_dir=folder)

@@ -42,7 +42,8 @@ class Segmenter(Stage):
 
 @dataclass(frozen=True, kw_only=True)
 class Finetune(Stage):
-    """The base segmenter fine-tuned on a class's pool: real supports plus the arm's synthetic pairs."""
+    """The base segmenter fine-tuned on a class's pool: real supports plus the arm's synthetic pairs, pooled
+    and sampled uniformly, or with `synthetic_share` of each batch drawn from the synthetic pairs."""
 
     name: ClassVar[str] = "finetune"
     version: ClassVar[str] = "2"
@@ -51,6 +52,7 @@ class Finetune(Stage):
     steps: int
     seed: int
     filter_dice: float
+    synthetic_share: float | None
     data: PreparedData
     fold: Fold
     synthesis: tuple[StageEntry, ...]  # the arm's sets of this class, one per source
@@ -65,6 +67,12 @@ class Finetune(Stage):
         real_i, real_m, _ = support_pairs(self.data, self.fold, self.class_name)
         syn_i, syn_m = synthetic_pairs(self.data, self.fold, self.class_name, self.synthesis, base_model=self.base,
                                        min_dice=self.filter_dice)
-        (folder / "pool.json").write_text(json.dumps({"real": len(real_i), "synthetic": len(syn_i)}))
-        seg_train.finetune(self.base.path / "model.pt", torch.cat([real_i, syn_i]), torch.cat([real_m, syn_m]),
-                           out_dir=folder, steps=self.steps, seed=self.seed)
+        share = self.synthetic_share if len(syn_i) else None  # no synthetic pair: the real supports alone
+        (folder / "pool.json").write_text(json.dumps({"real": len(real_i), "synthetic": len(syn_i),
+                                                      "synthetic_share": share}))
+        if share is None:
+            seg_train.finetune(self.base.path / "model.pt", torch.cat([real_i, syn_i]), torch.cat([real_m, syn_m]),
+                               out_dir=folder, steps=self.steps, seed=self.seed)
+        else:
+            seg_train.finetune(self.base.path / "model.pt", real_i, real_m, out_dir=folder, steps=self.steps,
+                               seed=self.seed, synthetic=(syn_i, syn_m), synthetic_share=share)

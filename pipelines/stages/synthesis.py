@@ -9,18 +9,22 @@ from typing import Any, ClassVar
 
 from augment.manifest import refs
 from augment.masks import DeformConfig
-from augment.registry import CLASSICAL
+from augment.pairs import PairError
+from augment.registry import CLASSICAL, VOLUME_SOURCES, volume_source
 from augment.training import CHECKPOINT_FILE
 from pipelines.stages.base import Stage, StageEntry
 from pipelines.stages.inputs import support_pairs
 from segment.data.protocol import Fold
 from segment.data.slices import PreparedData
+from segment.data.volumes import DataError
 
 
 @dataclass(frozen=True, kw_only=True)
 class Synthesis(Stage):
     """`n` pairs of a class from `source`: deformed support masks, an image drawn for each by the fine-tuned
-    `generator` (none for the classical source, which deforms image and mask together)."""
+    `generator` (none for the classical source, which deforms image and mask together); or, for a volume
+    source, its support slices mapped onto the fold's training volumes by its per-fold model (`generator`,
+    None for a source that trains none) with `sampling` holding its pair options."""
 
     name: ClassVar[str] = "synthesis"
     version: ClassVar[str] = "3"
@@ -45,10 +49,28 @@ class Synthesis(Stage):
         if self.source == CLASSICAL:
             syn = classical_set(images, masks, ids, n=self.n, seed=self.seed, deform=self.deform,
                                 fold=self.fold.index, class_name=self.class_name, query_volumes=self.fold.queries)
+        elif self.source in VOLUME_SOURCES:
+            syn = self.volume_set(images, masks, ids, idx)
         else:
             syn = synthesize(self.generator.path / CHECKPOINT_FILE, images, masks, ids, n=self.n, seed=self.seed,
                              deform=self.deform, query_volumes=self.fold.queries, **self.sampling)
         save_set(syn, folder / "set")
+
+    def volume_set(self, images, masks, ids, idx):
+        """A volume source's set; a bad pair (model at another resolution, every warp of a support failing
+        its checks) becomes a one-line `DataError` naming it, and nothing is written."""
+        src = volume_source(self.source)
+        cid = self.data.spec.class_id(self.class_name)
+        volumes = {v: self.data.volume(v).images for v in self.fold.train}  # (Z, R, R)
+        labels = {v: self.data.volume(v).labels == cid for v in self.fold.train} if src.reads_labels else None
+        try:
+            return src.make_set(None if self.generator is None else self.generator.path / CHECKPOINT_FILE,
+                                support=(images, masks, ids), support_volume=self.data.volume(self.fold.support).images,
+                                support_slices=list(idx), volumes=volumes, labels=labels, n=self.n, seed=self.seed,
+                                fold=self.fold.index, class_name=self.class_name, query_volumes=self.fold.queries,
+                                **self.sampling)
+        except PairError as err:
+            raise DataError(str(err)) from None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from augment.manifest import validate_manifest
-from augment.registry import CLASSICAL, generator
+from augment.registry import CLASSICAL, VOLUME_SOURCES, generator, volume_source
 from pipelines.config import ExperimentConfig, as_dict
 from pipelines.stages.base import StageEntry, StageRunner
 from pipelines.stages.evaluate import EvalRef, Evaluate
-from pipelines.stages.generators import GeneratorFinetune, GeneratorPretrain, Superpixels
+from pipelines.stages.generators import GeneratorFinetune, GeneratorPretrain, SourceTrain, Superpixels
 from pipelines.stages.inputs import exclusion_sets
 from pipelines.stages.report import Report, provenance
 from pipelines.stages.segmenters import Finetune, Segmenter
@@ -48,8 +48,9 @@ def segmenter_config(cfg: ExperimentConfig, model: str, seed: int) -> SegmenterC
 
 
 def generator_config(cfg: ExperimentConfig, name: str, seed: int):
-    return generator(name).config(**{**cfg.generators[name], "resolution": cfg.data.resolution, "seed": seed,
-                                     "cpu": cfg.run.cpu})
+    """A generator's or volume source's config: its [generators.NAME] section (if any) plus the runner's fields."""
+    cls = volume_source(name).config if name in VOLUME_SOURCES else generator(name).config
+    return cls(**{**cfg.generators.get(name, {}), "resolution": cfg.data.resolution, "seed": seed, "cpu": cfg.run.cpu})
 
 
 def superpixel_stage(cfg: ExperimentConfig, data: PreparedData) -> Superpixels:
@@ -61,7 +62,12 @@ def superpixel_stage(cfg: ExperimentConfig, data: PreparedData) -> Superpixels:
 def _synthesis(cfg, data, fold, seed, source, c, excluded, sp: Superpixels, sp_entry, runner) -> StageEntry:
     """A class's synthetic set from one source (a generator pretrained and fine-tuned first where it needs one)."""
     gen_entry, sampling = None, {}
-    if source != CLASSICAL:
+    if source in VOLUME_SOURCES:
+        src, config = volume_source(source), generator_config(cfg, source, seed)
+        if src.trains:
+            gen_entry = runner(SourceTrain(source=source, config=src.train_config(config), data=data, fold=fold))
+        sampling = src.pair_options(config)
+    elif source != CLASSICAL:
         gen, config = generator(source), generator_config(cfg, source, seed)
         pre = runner(GeneratorPretrain(generator=source, config=gen.stage_config(config), data=data, fold=fold,
                                        excluded=excluded, setting=cfg.protocol.setting, superpixels=sp_entry,
@@ -98,7 +104,8 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
             syn = arm.synthesis(cfg.synthesis)  # the arm's named overrides
             arm_sets = {c: tuple(synth[s, c] for s in arm.sources) for c in classes}
             tuned = {c: runner(Finetune(base=base_of[c], class_name=c, steps=syn.finetune_steps, seed=seed,
-                                        filter_dice=syn.filter_dice, data=data, fold=fold, synthesis=arm_sets[c],
+                                        filter_dice=syn.filter_dice, synthetic_share=syn.synthetic_share,
+                                        data=data, fold=fold, synthesis=arm_sets[c],
                                         log_label=f"{model} {arm.name} fold{fold.index} s{seed} {c}"))
                      if syn.in_training else base_of[c] for c in classes}
             pools = {c: _synthetic_pool(tuned[c].path) if arm.sources and syn.in_training else None for c in classes}

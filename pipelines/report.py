@@ -134,7 +134,7 @@ def verdict_lines(tests: list[dict]) -> list[str]:
             continue
         tail = ("Augmentation did not help here." if t["vs_role"] == "baseline"
                 else f"It did not beat the {t['vs']} control here.")
-        out.append(f"{head} shows no evidence of a difference from {t['vs']} ({t['verdict']}; mean difference "
+        out.append(f"{head} is not significantly different from {t['vs']} after the Holm adjustment ({t['verdict']}; mean difference "
                    f"{_fmt(t['mean_diff'])} points, {stats_}). {tail}")
     return out
 

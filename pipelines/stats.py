@@ -54,8 +54,9 @@ class Roles:
         return out + [(a, c) for c in self.controls for a in self.augmented]
 
     def candidates(self) -> tuple[str, ...]:
-        """Arms that may be the primary comparison: every method arm, no diagnostic one."""
-        return (*self.controls, *self.augmented)
+        """Arms that may be the primary comparison: the augmented arms (the controls only where there is
+        none); never a diagnostic arm."""
+        return tuple(self.augmented) or tuple(self.controls)
 
 
 def arm_roles(rows: Iterable[dict]) -> Roles:

@@ -115,6 +115,10 @@ def test_primary_is_the_best_augmented_arm_and_generators_meet_the_control():
                                                      ("gan", "real-only"), ("ddpm", "classical"), ("gan", "classical")}
     assert len(tests) == 5 * 3  # per class and all classes; Holm runs over all 15
     assert sum(t["p_holm"] == pytest.approx(min(1.0, 15 * t["p_wilcoxon"])) for t in tests) >= 1
+    strong_control = (_rows("real-only", lambda *a: 0.0) + _rows("classical", lambda *a: 0.5)
+                      + _rows("ddpm", lambda *a: 0.02) + _rows("gan", lambda *a: -0.01))
+    tests, _ = paired_tests(strong_control)  # the control is best, but the primary names an augmented arm
+    assert [(t["arm"], t["vs"]) for t in tests if t["primary"]] == [("ddpm", "real-only")]
     no_baseline = arm_roles(_rows("classical", lambda *a: 0.0) + _rows("ddpm", lambda *a: 0.0))
     assert no_baseline.baseline is None and no_baseline.comparisons() == [("ddpm", "classical")]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from augment.manifest import refs
-from augment.masks import DeformConfig
+from augment.config import DeformConfig
 from augment.pairs import PairError
 from augment.registry import CLASSICAL, VOLUME_SOURCES, volume_source
 from augment.training import CHECKPOINT_FILE

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from segment.conditional import ConditionalConfig
 from segment.encoder import Encoder, EncoderConfig, load_encoder_weights
 from segment.pooling import SegmentInputError, cosine_scores, local_prototypes, masked_average_pool
 from segment.predict import largest_component, make_predictor
@@ -20,6 +21,9 @@ TINY = dict(width=4, depth=2, dilated_blocks=1, embed_dim=8, resolution=R)
 
 
 def tiny(kind: str) -> SegmenterConfig:
+    """"conditional+similarity": the conditional net with similarity gates instead of positional ones."""
+    if kind == "conditional+similarity":
+        return SegmenterConfig(model="conditional", similarity_gates=True, spatial_gates=False, **TINY)
     return SegmenterConfig(model=kind, **TINY)
 
 
@@ -31,7 +35,7 @@ def episode(s: int = 1, q: int = 2, seed: int = 0):
     return images, masks, torch.randn(q, 1, R, R, generator=g)
 
 
-@pytest.fixture(params=["prototype", "conditional"])
+@pytest.fixture(params=["prototype", "conditional", "conditional+similarity"])
 def kind(request) -> str:
     return request.param
 
@@ -181,3 +185,24 @@ def test_self_support_refinement_changes_the_prototype_prediction():
     assert refined.shape == plain.shape and not torch.allclose(plain, refined)
     with pytest.raises(ValueError, match="needs a prototype model"):
         make_predictor(build_model(tiny("conditional")), self_support=1)
+
+
+def test_similarity_gate_opens_where_query_features_resemble_the_support_foreground():
+    model = build_model(tiny("conditional+similarity"))
+    fg, bg = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    support = bg[:, None, None].repeat(1, 4, 4)  # (C, h, w): background features ...
+    support[:, :2, :2] = fg[:, None, None]  # ... with a foreground corner
+    query = bg[:, None, None].repeat(1, 4, 4)
+    query[:, 2:, 2:] = fg[:, None, None]  # the foreground elsewhere in the query
+    mask = torch.zeros(1, 1, 1, 4, 4)
+    mask[..., :2, :2] = 1
+    gate = model.similarity_gate(0, torch.stack([support, query])[None], mask)  # (1, 2, 1, 4, 4)
+    a, b = float(model.similarity_scale[0]), float(model.similarity_bias[0])
+    expect_fg, expect_bg = torch.sigmoid(torch.tensor(a + b)), torch.sigmoid(torch.tensor(-a + b))  # cos 1 vs 0
+    assert torch.allclose(gate[0, 1, 0, 2:, 2:], expect_fg) and torch.allclose(gate[0, 1, 0, :2, :2], expect_bg)
+    assert torch.allclose(gate[0, 0, 0, :2, :2], expect_fg)  # the support is gated the same way
+
+
+def test_conditional_config_needs_some_gate():
+    with pytest.raises(ValueError, match="needs channel_gates, spatial_gates or similarity_gates"):
+        ConditionalConfig(channel_gates=False, spatial_gates=False, similarity_gates=False)

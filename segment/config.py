@@ -24,6 +24,7 @@ class SegmenterConfig:
     dilated_blocks: int = 2
     embed_dim: int = 64
     norm: str = "instance"
+    fuse_stem: bool = False  # prototype encoder: fuse the stem's features, halving the output stride
     resolution: int = 128
     steps: int = 1000
     lr: float = 1e-3

@@ -21,9 +21,11 @@ TINY = dict(width=4, depth=2, dilated_blocks=1, embed_dim=8, resolution=R)
 
 
 def tiny(kind: str) -> SegmenterConfig:
-    """"conditional+similarity": the conditional net with similarity gates instead of positional ones."""
+    """"conditional+similarity": similarity gates instead of positional ones; "prototype+fused": stem fused."""
     if kind == "conditional+similarity":
         return SegmenterConfig(model="conditional", similarity_gates=True, spatial_gates=False, **TINY)
+    if kind == "prototype+fused":
+        return SegmenterConfig(model="prototype", fuse_stem=True, **TINY)
     return SegmenterConfig(model=kind, **TINY)
 
 
@@ -35,7 +37,7 @@ def episode(s: int = 1, q: int = 2, seed: int = 0):
     return images, masks, torch.randn(q, 1, R, R, generator=g)
 
 
-@pytest.fixture(params=["prototype", "conditional", "conditional+similarity"])
+@pytest.fixture(params=["prototype", "prototype+fused", "conditional", "conditional+similarity"])
 def kind(request) -> str:
     return request.param
 
@@ -206,3 +208,22 @@ def test_similarity_gate_opens_where_query_features_resemble_the_support_foregro
 def test_conditional_config_needs_some_gate():
     with pytest.raises(ValueError, match="needs channel_gates, spatial_gates or similarity_gates"):
         ConditionalConfig(channel_gates=False, spatial_gates=False, similarity_gates=False)
+
+
+def test_fused_stem_halves_the_output_stride_and_uses_the_stem():
+    torch.manual_seed(0)
+    enc = Encoder(config=EncoderConfig(width=4, depth=3, dilated_blocks=1, embed_dim=8, fuse_stem=True)).eval()
+    assert enc.config.stride == 4 and enc.config.input_multiple == 8
+    x = torch.randn(1, 1, 64, 64)
+    assert enc(x).shape == (1, 8, 16, 16)
+    with torch.no_grad():
+        enc.fuse.weight[:, -4:] = 0  # cut the lateral link: the stem no longer reaches the embedding ...
+    cut = enc(x)
+    with torch.no_grad():
+        enc.fuse.weight[:, -4:] = 1
+    assert not torch.allclose(cut, enc(x))  # ... so with it the stem's features do
+    model = build_model(SegmenterConfig(fuse_stem=True, **{**TINY, "depth": 2}))
+    assert model.config.local_kernel == max(1, (R // 2) // 8)  # an 8 x 8 grid of local cells at stride 2
+    assert model.eval().segment(*episode()).shape == (2, 1, R, R)
+    with pytest.raises(ValueError, match="fuse_stem needs depth >= 2"):
+        EncoderConfig(depth=1, fuse_stem=True)

@@ -28,13 +28,17 @@ sys.path.insert(0, str(ROOT))
 
 from segment.train import SegmenterConfig, build_model, episode_loss  # noqa: E402
 
-DEFAULT_SIZES = ["prototype:16:2:128", "prototype:32:2:128", "prototype:48:2:128", "prototype:64:2:128",
-                 "prototype:32:2:256", "conditional:16:2:128", "conditional:32:2:128"]
+DEFAULT_SIZES = ["prototype:16:2:128", "prototype:16:2:128:fused", "prototype:32:2:128:fused",
+                 "prototype:48:2:128:fused", "prototype:64:2:128:fused", "prototype:16:3:256:fused",
+                 "conditional:16:2:128", "conditional:16:2:128:similarity"]
+# optional last field of a size: SegmenterConfig fields it turns on or off
+FLAGS = {"fused": {"fuse_stem": True}, "similarity": {"similarity_gates": True, "spatial_gates": False}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, help="model:width:depth:resolution")
+    p.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES,
+                   help=f"model:width:depth:resolution[:flag], flags {sorted(FLAGS)}")
     p.add_argument("--batch", type=int, default=4, help="episodes per training step")
     p.add_argument("--queries", type=int, default=8, help="query slices per inference call (an EP1 chunk)")
     p.add_argument("--steps", type=int, default=6, help="timed training steps per repeat")
@@ -80,9 +84,12 @@ def best_seconds(fn, repeats: int) -> float:
 
 def measure(size: str, args) -> dict:
     """FLOP and time of one training step and one inference call of the model `size` describes."""
-    kind, width, depth, resolution = size.split(":")
+    kind, width, depth, resolution, *flags = size.split(":")
+    unknown = [f for f in flags if f not in FLAGS]
+    if unknown or len(flags) > 1:
+        raise SystemExit(f"segment_flops: error: size {size!r}: at most one flag, one of {sorted(FLAGS)}")
     cfg = SegmenterConfig(model=kind, width=int(width), depth=int(depth), resolution=int(resolution),
-                          batch=args.batch)
+                          batch=args.batch, **(FLAGS[flags[0]] if flags else {}))
     torch.manual_seed(0)
     model = build_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -112,7 +119,7 @@ def measure(size: str, args) -> dict:
     step_s = best_seconds(lambda: [train_step() for _ in range(args.steps)], args.repeats) / args.steps
     model.eval()
     infer_s = best_seconds(infer, args.repeats)
-    return {"size": size, "model": kind, "width": int(width), "depth": int(depth), "resolution": int(resolution),
+    return {"size": size, "model": kind, "flags": flags, "width": int(width), "depth": int(depth), "resolution": int(resolution),
             "parameters": sum(p.numel() for p in model.parameters()), "batch": args.batch, "queries": args.queries,
             "train_gflop_per_step": train_flop / 1e9, "train_steps_per_s": 1 / step_s,
             "train_gflop_per_s": train_flop / step_s / 1e9,

@@ -54,7 +54,7 @@ def test_override_values_are_still_validated(fewshot):
 def test_flops_benchmark_counts_and_times_a_tiny_model(tmp_path):
     flops = _module("segment_flops")
     out = tmp_path / "flops.json"
-    result = flops.main(["--sizes", "prototype:4:2:32", "conditional:4:2:32", "--steps", "1", "--repeats", "1",
+    result = flops.main(["--sizes", "prototype:4:2:32:fused", "conditional:4:2:32:similarity", "--steps", "1", "--repeats", "1",
                          "--mm-size", "128", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["sizes"] == json.loads(json.dumps(result["sizes"])) and out.with_suffix(".md").is_file()
@@ -65,7 +65,7 @@ def test_flops_benchmark_counts_and_times_a_tiny_model(tmp_path):
         assert 0 < row["infer_gflop_per_call"] and 0 < row["train_gflop_per_step"]
         assert row["train_fraction"] == pytest.approx(row["train_gflop_per_s"] / saved["matmul_gflop_per_s"])
         assert row["train_steps_per_s"] > 0 and row["infer_calls_per_s"] > 0
-    wider = flops.measure("prototype:8:2:32", flops.parse_args(["--steps", "1", "--repeats", "1"]))
+    wider = flops.measure("prototype:8:2:32:fused", flops.parse_args(["--steps", "1", "--repeats", "1"]))
     assert wider["train_gflop_per_step"] > 2 * proto["train_gflop_per_step"]  # convolutions grow ~ width^2
 
 

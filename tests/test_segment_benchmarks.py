@@ -66,7 +66,8 @@ def test_flops_benchmark_counts_and_times_a_tiny_model(tmp_path):
         assert row["train_fraction"] == pytest.approx(row["train_gflop_per_s"] / saved["matmul_gflop_per_s"])
         assert row["train_steps_per_s"] > 0 and row["infer_calls_per_s"] > 0
     wider = flops.measure("prototype:8:2:32:fused", flops.parse_args(["--steps", "1", "--repeats", "1"]))
-    assert wider["train_gflop_per_step"] > 2 * proto["train_gflop_per_step"]  # convolutions grow ~ width^2
+    # convolutions grow ~ width^2; the embedding and the scoring do not
+    assert wider["train_gflop_per_step"] > 1.5 * proto["train_gflop_per_step"]
 
 
 def test_curve_scores_each_stop_of_one_run(phantom_dir, tmp_path):

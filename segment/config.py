@@ -25,6 +25,7 @@ class SegmenterConfig:
     embed_dim: int = 64
     norm: str = "instance"
     fuse_stem: bool = False  # prototype encoder: fuse the stem's features, halving the output stride
+    coords: bool = False  # prototype encoder: coordinate channels beside the image (CoordConv)
     resolution: int = 128
     steps: int = 1000
     lr: float = 1e-3

@@ -9,6 +9,10 @@ MRI intensities and batches of one episode. Runs at any input size divisible by 
 With `fuse_stem` the embedding is upsampled once and fused (1x1 convolution, FPN-style lateral link, Lin
 et al. 2017) with the stem's stride-2 features: the output stride halves, so prototypes are scored on a
 grid twice as fine and small structures keep their boundaries, for about a fifth more compute.
+With `coords` two channels of pixel coordinates in [-1, 1] join the image (CoordConv, Liu et al. 2018), so
+features can say where in the image they lie: a structure and a look-alike elsewhere in the slice then
+differ. Training augmentation shifts the content against these channels, which teaches how far to trust
+them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class EncoderConfig:
     embed_dim: int = 64
     norm: str = "instance"
     fuse_stem: bool = False  # fuse the stem's features: output stride 2**(depth - 1) instead of 2**depth
+    coords: bool = False  # append (y, x) coordinate channels in [-1, 1] to the input (CoordConv)
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -97,7 +102,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.config = config
         c = config.width
-        self.stem = conv_norm_act(config.in_channels, c, norm=config.norm, stride=2)
+        self.stem = conv_norm_act(config.in_channels + (2 if config.coords else 0), c, norm=config.norm, stride=2)
         self.stages = nn.ModuleList()
         for i in range(config.depth - 1):
             self.stages.append(ResidualBlock(c * 2 ** i, c * 2 ** (i + 1), norm=config.norm, stride=2))
@@ -114,6 +119,12 @@ class Encoder(nn.Module):
             raise ValueError(f"Encoder input must have shape (N, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
         if x.shape[-1] % stride or x.shape[-2] % stride:
             raise ValueError(f"Encoder input size {tuple(x.shape[-2:])} must be divisible by its stride {stride}")
+        if self.config.coords:
+            # 0. CoordConv: (N, in_channels + 2, H, W), coordinates of pixel centres in [-1, 1]
+            ys = torch.linspace(-1, 1, x.shape[-2], device=x.device, dtype=x.dtype)
+            xs = torch.linspace(-1, 1, x.shape[-1], device=x.device, dtype=x.dtype)
+            grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))  # (2, H, W)
+            x = torch.cat([x, grid.expand(x.shape[0], -1, -1, -1)], dim=1)
         # 1. stride-2 stem: (N, width, H / 2, W / 2)
         stem = h = self.stem(x)
         # 2. strided stages: (N, width * 2**(depth - 1), H / 2**depth, W / 2**depth)

@@ -35,7 +35,8 @@ def build_model(config: SegmenterConfig) -> torch.nn.Module:
     """The untrained network that `config` describes."""
     if config.model == "prototype":
         enc = EncoderConfig(width=config.width, depth=config.depth, dilated_blocks=config.dilated_blocks,
-                            embed_dim=config.embed_dim, norm=config.norm, fuse_stem=config.fuse_stem)
+                            embed_dim=config.embed_dim, norm=config.norm, fuse_stem=config.fuse_stem,
+                            coords=config.coords)
         kernel = max(1, (config.resolution // enc.stride) // 8)  # ALPNet: an 8 x 8 grid of local cells
         return PrototypeNet(config=PrototypeConfig(encoder=enc, resolution=config.resolution, local_kernel=kernel,
                                                    align=config.align_weight > 0))

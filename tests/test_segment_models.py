@@ -227,3 +227,14 @@ def test_fused_stem_halves_the_output_stride_and_uses_the_stem():
     assert model.eval().segment(*episode()).shape == (2, 1, R, R)
     with pytest.raises(ValueError, match="fuse_stem needs depth >= 2"):
         EncoderConfig(depth=1, fuse_stem=True)
+
+
+def test_coordinate_channels_make_features_depend_on_position():
+    torch.manual_seed(0)
+    plain = Encoder(config=EncoderConfig(width=4, depth=2, dilated_blocks=0, embed_dim=8)).eval()
+    coords = Encoder(config=EncoderConfig(width=4, depth=2, dilated_blocks=0, embed_dim=8, coords=True)).eval()
+    assert coords.stem[0].in_channels == 3
+    flat = torch.ones(1, 1, 32, 32)  # the same value everywhere: only position can tell pixels apart
+    inner = (slice(None), slice(None), slice(2, 6), slice(2, 6))  # away from the zero-padded border
+    assert torch.allclose(plain(flat)[inner], plain(flat)[inner][..., :1, :1].expand(1, 8, 4, 4), atol=1e-5)
+    assert not torch.allclose(coords(flat)[inner], coords(flat)[inner][..., :1, :1].expand(1, 8, 4, 4), atol=1e-3)

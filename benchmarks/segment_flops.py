@@ -30,9 +30,10 @@ from segment.train import SegmenterConfig, build_model, episode_loss  # noqa: E4
 
 DEFAULT_SIZES = ["prototype:16:2:128", "prototype:16:2:128:fused", "prototype:32:2:128:fused",
                  "prototype:48:2:128:fused", "prototype:64:2:128:fused", "prototype:16:3:256:fused",
-                 "conditional:16:2:128", "conditional:16:2:128:similarity"]
+                 "conditional:16:2:128:positional", "conditional:16:2:128"]
 # optional last field of a size: SegmenterConfig fields it turns on or off
-FLAGS = {"fused": {"fuse_stem": True}, "similarity": {"similarity_gates": True, "spatial_gates": False}}
+FLAGS = {"fused": {"fuse_stem": True}, "coords": {"coords": True},
+         "positional": {"similarity_gates": False, "spatial_gates": True}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -6,9 +6,9 @@ segmenter reads the query and multiplies each of its block outputs by the matchi
 support steers which structure the segmenter keeps. With k supports the conditioner outputs are
 averaged. Trained episodically from scratch, like the original.
 
-Similarity gates (optional, `similarity_gates`): the per-pixel sSE weights come from the support's
+Similarity gates (`similarity_gates`, the default): the per-pixel sSE weights come from the support's
 position, so they only transfer when support and query are aligned; self-supervised episodes (two
-views of one slice) make that a shortcut, and on another subject it misplaces the organ. With
+views of one slice) make that a shortcut, and on another subject it misplaces the structure. With
 similarity gates the segmenter arm also reads the supports, and at every block each pixel is weighted
 by sigmoid(a_j (cos(f, p_fg) - cos(f, p_bg)) + b_j), with p_fg / p_bg the masked averages (PANet eq. 1)
 of the supports' block features: the gate follows what the structure looks like, wherever it is.
@@ -37,8 +37,8 @@ class ConditionalConfig:
     stem_stride: int = 2  # 2: both arms start at half resolution and logits are upsampled (CPU budget)
     norm: str = "instance"
     channel_gates: bool = True
-    spatial_gates: bool = True  # positional sSE from the conditioner (Roy et al.)
-    similarity_gates: bool = False  # support-query feature similarity at every block (module docstring)
+    spatial_gates: bool = False  # positional sSE from the conditioner (Roy et al.); off: a shortcut (docstring)
+    similarity_gates: bool = True  # support-query feature similarity at every block (module docstring)
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:

@@ -41,9 +41,9 @@ class SegmenterConfig:
     align_weight: float = 1.0  # PANet prototype-alignment loss (prototype model)
     augment: bool = True
     superpixel_scale: float = 100.0
-    spatial_gates: bool = True  # conditional model: positional sSE from the support (Roy et al.)
-    similarity_gates: bool = False  # conditional model: support-query similarity gate at every block
-    neighbour_span: int = 0  # superpixel episodes: query slice up to this many slices from the support (0: same)
+    spatial_gates: bool = False  # conditional model: positional sSE from the support (Roy et al.)
+    similarity_gates: bool = True  # conditional model: support-query similarity gate at every block
+    neighbour_span: int = 2  # superpixel episodes: query slice up to this many slices from the support (0: same)
     neighbour_min_iou: float = 0.3  # weaker cross-slice links fall back to the support's own slice
     checkpoint_every: int = 100
     cpu: bool = False  # force CPU (and gloo under torchrun)

@@ -25,10 +25,10 @@ def fewshot():
 
 def test_overrides_are_typed_and_apply_per_model(fewshot):
     args = fewshot.parse_args(["--set", "neighbour_span=2", "augment=false", "bg_weight=0.2",
-                               "--conditional-set", "similarity_gates=true", "neighbour_span=1"])
+                               "--conditional-set", "spatial_gates=true", "neighbour_span=1"])
     proto, cond = fewshot.model_config("prototype", args), fewshot.model_config("conditional", args)
-    assert (proto.neighbour_span, proto.augment, proto.bg_weight, proto.similarity_gates) == (2, False, 0.2, False)
-    assert (cond.neighbour_span, cond.similarity_gates, cond.steps) == (1, True, args.conditional_steps)
+    assert (proto.neighbour_span, proto.augment, proto.bg_weight, proto.spatial_gates) == (2, False, 0.2, False)
+    assert (cond.neighbour_span, cond.spatial_gates, cond.steps) == (1, True, args.conditional_steps)
     plain = fewshot.model_config("prototype", fewshot.parse_args([]))
     assert fewshot.cfg_key(plain) != fewshot.cfg_key(proto)  # an override gets its own run folder
 
@@ -54,7 +54,7 @@ def test_override_values_are_still_validated(fewshot):
 def test_flops_benchmark_counts_and_times_a_tiny_model(tmp_path):
     flops = _module("segment_flops")
     out = tmp_path / "flops.json"
-    result = flops.main(["--sizes", "prototype:4:2:32:fused", "conditional:4:2:32:similarity", "--steps", "1", "--repeats", "1",
+    result = flops.main(["--sizes", "prototype:4:2:32:fused", "conditional:4:2:32:positional", "--steps", "1", "--repeats", "1",
                          "--mm-size", "128", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["sizes"] == json.loads(json.dumps(result["sizes"])) and out.with_suffix(".md").is_file()

@@ -21,9 +21,10 @@ TINY = dict(width=4, depth=2, dilated_blocks=1, embed_dim=8, resolution=R)
 
 
 def tiny(kind: str) -> SegmenterConfig:
-    """"conditional+similarity": similarity gates instead of positional ones; "prototype+fused": stem fused."""
-    if kind == "conditional+similarity":
-        return SegmenterConfig(model="conditional", similarity_gates=True, spatial_gates=False, **TINY)
+    """"conditional+positional": Roy et al.'s positional gates instead of similarity gates; "prototype+fused":
+    the stem fused into the embedding."""
+    if kind == "conditional+positional":
+        return SegmenterConfig(model="conditional", similarity_gates=False, spatial_gates=True, **TINY)
     if kind == "prototype+fused":
         return SegmenterConfig(model="prototype", fuse_stem=True, **TINY)
     return SegmenterConfig(model=kind, **TINY)
@@ -37,7 +38,7 @@ def episode(s: int = 1, q: int = 2, seed: int = 0):
     return images, masks, torch.randn(q, 1, R, R, generator=g)
 
 
-@pytest.fixture(params=["prototype", "prototype+fused", "conditional", "conditional+similarity"])
+@pytest.fixture(params=["prototype", "prototype+fused", "conditional", "conditional+positional"])
 def kind(request) -> str:
     return request.param
 
@@ -190,7 +191,7 @@ def test_self_support_refinement_changes_the_prototype_prediction():
 
 
 def test_similarity_gate_opens_where_query_features_resemble_the_support_foreground():
-    model = build_model(tiny("conditional+similarity"))
+    model = build_model(tiny("conditional"))
     fg, bg = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     support = bg[:, None, None].repeat(1, 4, 4)  # (C, h, w): background features ...
     support[:, :2, :2] = fg[:, None, None]  # ... with a foreground corner

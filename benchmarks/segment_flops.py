@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from segment.train import SegmenterConfig, build_model, episode_loss  # noqa: E402
 
-DEFAULT_SIZES = ["prototype:16:2:128", "prototype:16:2:128:fused", "prototype:32:2:128:fused",
-                 "prototype:48:2:128:fused", "prototype:64:2:128:fused", "prototype:16:3:256:fused",
+DEFAULT_SIZES = ["prototype:16:2:128", "prototype:32:2:128", "prototype:48:2:128", "prototype:64:2:128",
+                 "prototype:16:2:128:fused", "prototype:16:3:256", "prototype:32:3:256",
                  "conditional:16:2:128:positional", "conditional:16:2:128"]
 # optional last field of a size: SegmenterConfig fields it turns on or off
 FLAGS = {"fused": {"fuse_stem": True}, "coords": {"coords": True},

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from segment.train import SegmenterConfig, build_model, episode_loss  # noqa: E402
 
-DEFAULT_SIZES = ["prototype:16:2:128", "prototype:32:2:128", "prototype:48:2:128", "prototype:64:2:128",
-                 "prototype:16:2:128:fused", "prototype:16:3:256", "prototype:32:3:256",
+DEFAULT_SIZES = ["prototype:16:2:128", "prototype:16:2:128:fused", "prototype:32:2:128:fused",
+                 "prototype:48:2:128:fused", "prototype:64:2:128:fused", "prototype:16:3:256:fused",
                  "conditional:16:2:128:positional", "conditional:16:2:128"]
 # optional last field of a size: SegmenterConfig fields it turns on or off
 FLAGS = {"fused": {"fuse_stem": True}, "coords": {"coords": True},
@@ -136,10 +136,10 @@ def markdown(result: dict) -> str:
              "by FlopCounterMode (convolutions and matmuls); a training step is forward + backward + AdamW on "
              f"{result['batch']} episodes (1 support, 1 query); an inference call is 1 support + "
              f"{result['queries']} queries. Timings are the best of {result['repeats']} blocks on a shared machine.", "",
-             "| model | width | depth | px | params | train GFLOP/step | steps/s | train % of limit "
-             "| infer GFLOP/call | calls/s | infer % of limit |", "|---" * 11 + "|"]
+             "| size (model:width:depth:px[:flag]) | params | train GFLOP/step | steps/s | train % of limit "
+             "| infer GFLOP/call | calls/s | infer % of limit |", "|---" * 8 + "|"]
     for r in result["sizes"]:
-        lines.append(f"| {r['model']} | {r['width']} | {r['depth']} | {r['resolution']} | {r['parameters'] / 1e6:.2f} M "
+        lines.append(f"| {r['size']} | {r['parameters'] / 1e6:.2f} M "
                      f"| {r['train_gflop_per_step']:.2f} | {r['train_steps_per_s']:.2f} | {100 * r['train_fraction']:.0f} "
                      f"| {r['infer_gflop_per_call']:.2f} | {r['infer_calls_per_s']:.2f} | {100 * r['infer_fraction']:.0f} |")
     return "\n".join(lines + [""])

@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -74,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mix-supervised", type=float, default=0.0)
     p.add_argument("--split", choices=["group", "class"], default="group")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--self-support", type=int, default=0,
+                   help="test-time refinement rounds with self-support prototypes (prototype model only)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override any other SegmenterConfig field for every model (e.g. neighbour_span=2)")
+    p.add_argument("--conditional-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override SegmenterConfig fields of the conditional model only (after --set)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (1: on a busy 2-core machine 2 threads ran 10x slower)")
     p.add_argument("--jobs", type=int, default=2, help="models trained in parallel processes (1: in this process)")
@@ -97,11 +103,30 @@ def class_splits(spec, setting: int, split: str, supervised: bool) -> list[tuple
     return groups
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """["key=value", ...] -> {key: value typed like the SegmenterConfig field}; an unknown key or a value
+    of the wrong type fails naming it and the valid keys."""
+    kinds = {f.name: type(getattr(SegmenterConfig, f.name)) for f in fields(SegmenterConfig)}
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in kinds:
+            raise SystemExit(f"segment_fewshot: error: --set {pair!r}: expected KEY=VALUE with KEY one of {sorted(kinds)}")
+        kind = kinds[key]
+        try:
+            out[key] = {"true": True, "false": False}[raw.lower()] if kind is bool else kind(raw)
+        except (KeyError, ValueError):
+            raise SystemExit(f"segment_fewshot: error: --set {pair!r}: {key} takes a {kind.__name__}") from None
+    return out
+
+
 def model_config(kind: str, args) -> SegmenterConfig:
     steps = args.conditional_steps if (kind == "conditional" and args.conditional_steps) else args.steps
-    return SegmenterConfig(model=kind, resolution=args.resolution, steps=steps, batch=args.batch, width=args.width,
-                           lr=args.lr, seed=args.seed, mix_superpixel=args.mix_superpixel,
-                           mix_supervised=args.mix_supervised, checkpoint_every=250)
+    overrides = {**parse_overrides(args.set), **(parse_overrides(args.conditional_set) if kind == "conditional" else {})}
+    return SegmenterConfig.from_dict({**asdict(SegmenterConfig()), **dict(
+        model=kind, resolution=args.resolution, steps=steps, batch=args.batch, width=args.width, lr=args.lr,
+        seed=args.seed, mix_superpixel=args.mix_superpixel, mix_supervised=args.mix_supervised,
+        checkpoint_every=250), **overrides})
 
 
 def cfg_key(cfg: SegmenterConfig) -> str:
@@ -143,9 +168,11 @@ def evaluate_model(kind: str, setting: int, args, data, folds, trained: dict) ->
     models = {(f, n): load(path) for (f, names), (path, _) in trained.items() for n in names}
 
     def predictor_for(fold, name):
-        return make_predictor(models[(fold.index, name)])  # probabilities; the evaluator post-processes
+        model = models[(fold.index, name)]
+        rounds = args.self_support if kind == "prototype" else 0
+        return make_predictor(model, self_support=rounds)  # probabilities; the evaluator post-processes
 
-    out = {"config": asdict(model_config(kind, args)),
+    out = {"config": asdict(model_config(kind, args)), "self_support": args.self_support if kind == "prototype" else 0,
            "splits": [list(s) for s in class_splits(data.spec, setting, args.split, args.mix_supervised > 0)],
            "train_seconds": {f"fold{f}/{'+'.join(names)}": t for (f, names), (_, t) in trained.items()}}
     for protocol in args.protocols:

@@ -5,6 +5,13 @@ emits excitation weights: per channel (Hu et al. 2018, cSE) and per pixel (Roy e
 segmenter reads the query and multiplies each of its block outputs by the matching weights, so the
 support steers which structure the segmenter keeps. With k supports the conditioner outputs are
 averaged. Trained episodically from scratch, like the original.
+
+Similarity gates (`similarity_gates`, the default): the per-pixel sSE weights come from the support's
+position, so they only transfer when support and query are aligned; self-supervised episodes (two
+views of one slice) make that a shortcut, and on another subject it misplaces the structure. With
+similarity gates the segmenter arm also reads the supports, and at every block each pixel is weighted
+by sigmoid(a_j (cos(f, p_fg) - cos(f, p_bg)) + b_j), with p_fg / p_bg the masked averages (PANet eq. 1)
+of the supports' block features: the gate follows what the structure looks like, wherever it is.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from segment.encoder import NORMS, conv_norm_act
-from segment.pooling import ChannelGate, SpatialGate, check_episode
+from segment.pooling import ChannelGate, SpatialGate, check_episode, resize_masks
 
 
 @dataclass(frozen=True)
@@ -30,7 +37,8 @@ class ConditionalConfig:
     stem_stride: int = 2  # 2: both arms start at half resolution and logits are upsampled (CPU budget)
     norm: str = "instance"
     channel_gates: bool = True
-    spatial_gates: bool = True
+    spatial_gates: bool = False  # positional sSE from the conditioner (Roy et al.); off: a shortcut (docstring)
+    similarity_gates: bool = True  # support-query feature similarity at every block (module docstring)
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -40,9 +48,9 @@ class ConditionalConfig:
         if self.resolution % (self.stem_stride * 2 ** self.levels):
             raise ValueError(f"ConditionalConfig.resolution {self.resolution} must be divisible by "
                              f"stem_stride * 2**levels = {self.stem_stride * 2 ** self.levels}")
-        if not (self.channel_gates or self.spatial_gates):
-            raise ValueError("ConditionalConfig needs channel_gates or spatial_gates: without either the "
-                             "support cannot steer the segmenter")
+        if not (self.channel_gates or self.spatial_gates or self.similarity_gates):
+            raise ValueError("ConditionalConfig needs channel_gates, spatial_gates or similarity_gates: without "
+                             "any the support cannot steer the segmenter")
 
 
 def _double_conv(cin: int, cout: int, norm: str) -> nn.Sequential:
@@ -101,6 +109,10 @@ class ConditionalNet(nn.Module):
                                            if config.channel_gates else [])
         self.spatial_gates = nn.ModuleList([SpatialGate(in_channels=c) for c, _ in pairs]
                                            if config.spatial_gates else [])
+        n_blocks = len(self.segmenter.widths)
+        # similarity gate j: sigmoid(a_j * (cos_fg - cos_bg) + b_j), starting near 0.9 so features pass
+        self.similarity_scale = nn.Parameter(torch.full((n_blocks,), 5.0)) if config.similarity_gates else None
+        self.similarity_bias = nn.Parameter(torch.full((n_blocks,), 2.0)) if config.similarity_gates else None
         self.classifier = nn.Conv2d(config.width, 2, kernel_size=1)
 
     def condition(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> list[tuple]:
@@ -117,22 +129,42 @@ class ConditionalNet(nn.Module):
             weights.append((ch, sp))
         return weights
 
+    def similarity_gate(self, j: int, h: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Gate `(B, S + Q, 1, h, w)` of block j's features `h` `(B, S + Q, C, h, w)`, whose first S rows are
+        the supports with `masks` `(B, S, 1, H, W)`: how much more each pixel resembles the supports'
+        foreground than their background."""
+        b, s = masks.shape[:2]
+        m = resize_masks(masks.flatten(0, 1), h.shape[-2:]).unflatten(0, (b, s))  # (B, S, 1, h, w)
+        sup = h[:, :s]
+        fg = (sup * m).sum(dim=(1, 3, 4)) / m.sum(dim=(1, 3, 4)).clamp_min(1e-5)  # PANet eq. 1: (B, C)
+        bg = (sup * (1 - m)).sum(dim=(1, 3, 4)) / (1 - m).sum(dim=(1, 3, 4)).clamp_min(1e-5)
+        cos_fg = F.cosine_similarity(h, fg[:, None, :, None, None], dim=2)  # (B, S + Q, h, w)
+        cos_bg = F.cosine_similarity(h, bg[:, None, :, None, None], dim=2)
+        return torch.sigmoid(self.similarity_scale[j] * (cos_fg - cos_bg) + self.similarity_bias[j])[:, :, None]
+
     def forward(self, support_images: torch.Tensor, support_masks: torch.Tensor,
                 query_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, q = query_images.shape[:2]
+        s = support_images.shape[1] if self.config.similarity_gates else 0
         weights = self.condition(support_images, support_masks)
+        # the segmenter arm reads the supports too when similarity gates need their features
+        images = torch.cat([support_images[:, :s], query_images], dim=1)  # (B, S' + Q, 1, H, W), S' = S or 0
 
         def excite(j: int, h: torch.Tensor) -> torch.Tensor:
-            # 3. modulate segmenter block j of every query by its episode's weights: (B * Q, C_j, h_j, w_j)
+            # 3. modulate segmenter block j of every image of an episode by its weights: (B * (S' + Q), C_j, h_j, w_j)
+            h = h.unflatten(0, (b, s + q))  # (B, S' + Q, C_j, h_j, w_j)
             ch, sp = weights[j]
             if ch is not None:
-                h = h * ch.repeat_interleave(q, dim=0)
+                h = h * ch[:, None]
             if sp is not None:
-                h = h * sp.repeat_interleave(q, dim=0)
-            return h
+                h = h * sp[:, None]
+            if s:
+                h = h * self.similarity_gate(j, h, support_masks)
+            return h.flatten(0, 1)
 
-        # 4. segment the queries under the excitation: (B * Q, width, H / stem, W / stem)
-        out, _ = self.segmenter(self.seg_stem(query_images.flatten(0, 1)), excite)
+        # 4. segment under the excitation: (B * (S' + Q), width, H / stem, W / stem), then keep the queries
+        out, _ = self.segmenter(self.seg_stem(images.flatten(0, 1)), excite)
+        out = out.unflatten(0, (b, s + q))[:, s:].flatten(0, 1)  # (B * Q, width, H / stem, W / stem)
         # 5. classify and upsample to the input size: (B, Q, 2, H, W)
         logits = F.interpolate(self.classifier(out), size=query_images.shape[-2:], mode="bilinear",
                                align_corners=False).unflatten(0, (b, q))

@@ -24,6 +24,8 @@ class SegmenterConfig:
     dilated_blocks: int = 2
     embed_dim: int = 64
     norm: str = "instance"
+    fuse_stem: bool = False  # prototype encoder: fuse the stem's features, halving the output stride
+    coords: bool = False  # prototype encoder: coordinate channels beside the image (CoordConv)
     resolution: int = 128
     steps: int = 1000
     lr: float = 1e-3
@@ -39,6 +41,10 @@ class SegmenterConfig:
     align_weight: float = 1.0  # PANet prototype-alignment loss (prototype model)
     augment: bool = True
     superpixel_scale: float = 100.0
+    spatial_gates: bool = False  # conditional model: positional sSE from the support (Roy et al.)
+    similarity_gates: bool = True  # conditional model: support-query similarity gate at every block
+    neighbour_span: int = 2  # superpixel episodes: query slice up to this many slices from the support (0: same)
+    neighbour_min_iou: float = 0.3  # weaker cross-slice links fall back to the support's own slice
     checkpoint_every: int = 100
     cpu: bool = False  # force CPU (and gloo under torchrun)
     encoder_init: str = ""  # optional local encoder checkpoint to start from (prototype model)
@@ -49,6 +55,10 @@ class SegmenterConfig:
         for name in ("width", "depth", "embed_dim", "resolution", "steps", "batch", "n_supports", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SegmenterConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.neighbour_span < 0:
+            raise ValueError(f"SegmenterConfig.neighbour_span must be >= 0, got {self.neighbour_span}")
+        if not 0.0 <= self.neighbour_min_iou <= 1.0:
+            raise ValueError(f"SegmenterConfig.neighbour_min_iou must lie in [0, 1], got {self.neighbour_min_iou}")
         if self.warmup < 0:
             raise ValueError(f"SegmenterConfig.warmup must be >= 0, got {self.warmup}")
         if self.lr <= 0:

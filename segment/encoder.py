@@ -6,6 +6,13 @@ cores), `depth - 1` further stride-2 residual stages that double the width, then
 resolution while widening the receptive field), then a 1x1 projection to `embed_dim` with no
 activation so cosine similarities can be negative. Instance or group normalisation suits per-volume
 MRI intensities and batches of one episode. Runs at any input size divisible by 2**depth (128, 256, ...).
+With `fuse_stem` the embedding is upsampled once and fused (1x1 convolution, FPN-style lateral link, Lin
+et al. 2017) with the stem's stride-2 features: the output stride halves, so prototypes are scored on a
+grid twice as fine and small structures keep their boundaries, for about a fifth more compute.
+With `coords` two channels of pixel coordinates in [-1, 1] join the image (CoordConv, Liu et al. 2018), so
+features can say where in the image they lie: a structure and a look-alike elsewhere in the slice then
+differ. Training augmentation shifts the content against these channels, which teaches how far to trust
+them.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 NORMS = ("instance", "group", "batch")
 
@@ -30,10 +38,15 @@ class EncoderConfig:
     dilated_blocks: int = 2  # extra blocks at the last resolution, dilation 2, 4, 8, ...
     embed_dim: int = 64
     norm: str = "instance"
+    fuse_stem: bool = False  # fuse the stem's features: output stride 2**(depth - 1) instead of 2**depth
+    coords: bool = False  # append (y, x) coordinate channels in [-1, 1] to the input (CoordConv)
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ValueError(f"EncoderConfig.norm must be one of {NORMS}, got {self.norm!r}")
+        if self.fuse_stem and self.depth < 2:
+            raise ValueError(f"EncoderConfig.fuse_stem needs depth >= 2 (the stem is already at the output "
+                             f"stride), got depth {self.depth}")
         for name in ("in_channels", "width", "depth", "embed_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EncoderConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -42,6 +55,12 @@ class EncoderConfig:
 
     @property
     def stride(self) -> int:
+        """Output stride: input size / feature size."""
+        return 2 ** (self.depth - 1) if self.fuse_stem else 2 ** self.depth
+
+    @property
+    def input_multiple(self) -> int:
+        """The input size must be a multiple of this (every stride-2 step halves it exactly)."""
         return 2 ** self.depth
 
 
@@ -77,36 +96,50 @@ class ResidualBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Image `(N, in_channels, H, W)` -> features `(N, embed_dim, H / 2**depth, W / 2**depth)`."""
+    """Image `(N, in_channels, H, W)` -> features `(N, embed_dim, H / stride, W / stride)` (`config.stride`)."""
 
     def __init__(self, *, config: EncoderConfig) -> None:
         super().__init__()
         self.config = config
         c = config.width
-        self.stem = conv_norm_act(config.in_channels, c, norm=config.norm, stride=2)
+        self.stem = conv_norm_act(config.in_channels + (2 if config.coords else 0), c, norm=config.norm, stride=2)
         self.stages = nn.ModuleList()
         for i in range(config.depth - 1):
             self.stages.append(ResidualBlock(c * 2 ** i, c * 2 ** (i + 1), norm=config.norm, stride=2))
         top = c * 2 ** (config.depth - 1)
         self.dilated = nn.Sequential(*[ResidualBlock(top, top, norm=config.norm, dilation=2 ** (j + 1))
                                        for j in range(config.dilated_blocks)])
-        self.head = nn.Conv2d(top, config.embed_dim, kernel_size=1)
+        self.head = None if config.fuse_stem else nn.Conv2d(top, config.embed_dim, kernel_size=1)
+        # FPN-style lateral link: [upsampled top features, stem features] -> embedding at stride 2**(depth - 1)
+        self.fuse = nn.Conv2d(top + c, config.embed_dim, kernel_size=1) if config.fuse_stem else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stride = self.config.stride
+        stride = self.config.input_multiple
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"Encoder input must have shape (N, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
         if x.shape[-1] % stride or x.shape[-2] % stride:
             raise ValueError(f"Encoder input size {tuple(x.shape[-2:])} must be divisible by its stride {stride}")
+        if self.config.coords:
+            # 0. CoordConv: (N, in_channels + 2, H, W), coordinates of pixel centres in [-1, 1]
+            ys = torch.linspace(-1, 1, x.shape[-2], device=x.device, dtype=x.dtype)
+            xs = torch.linspace(-1, 1, x.shape[-1], device=x.device, dtype=x.dtype)
+            grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))  # (2, H, W)
+            x = torch.cat([x, grid.expand(x.shape[0], -1, -1, -1)], dim=1)
         # 1. stride-2 stem: (N, width, H / 2, W / 2)
-        h = self.stem(x)
-        # 2. strided stages: (N, width * 2**depth, H / stride, W / stride)
+        stem = h = self.stem(x)
+        # 2. strided stages: (N, width * 2**(depth - 1), H / 2**depth, W / 2**depth)
         for stage in self.stages:
             h = stage(h)
         # 3. dilated blocks widen the receptive field at the same resolution
         h = self.dilated(h)
-        # 4. linear projection to the embedding: (N, embed_dim, H / stride, W / stride)
-        return self.head(h)
+        if self.head is not None:
+            # 4. linear projection to the embedding: (N, embed_dim, H / 2**depth, W / 2**depth)
+            return self.head(h)
+        # 4'. upsample to the stem's grid and fuse linearly: (N, embed_dim, H / 2**(depth - 1), W / 2**(depth - 1))
+        for _ in range(self.config.depth - 2):  # stems at stride 2; stages between add strides of 2
+            stem = F.avg_pool2d(stem, 2)
+        up = F.interpolate(h, size=stem.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([up, stem], dim=1))
 
 
 class CheckpointError(ValueError):

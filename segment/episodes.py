@@ -2,7 +2,10 @@
 
 Three sources, mixed by weight:
 - superpixel: a Felzenszwalb superpixel of a training slice is the pseudo-class; support and query are
-  two independent augmentations of that slice (SSL-ALPNet's self-supervised task);
+  two independent augmentations of that slice (SSL-ALPNet's self-supervised task), or, with `span` > 0,
+  the query is a neighbouring slice (up to `span` slices away) whose pseudo-mask is the superpixels of
+  that slice lying mostly inside the support superpixel (2D superpixels linked across slices, in the
+  spirit of ADNet's 3D supervoxels): the query then shows the structure, not a copy of the support;
 - supervised: a training class (never a test class) in two different training volumes, support and
   query slices taken from the same third of the class's slice range (EP1-like pairing, Roy et al. 2020);
 - pairs: externally supplied (image, mask) pairs, e.g. synthetic pairs from `augment/`, with support and
@@ -103,12 +106,19 @@ def _augment_valid(augment: Augmenter, image: np.ndarray, mask: np.ndarray, rng:
 
 
 class SuperpixelSampler:
-    """Self-supervised episodes: one superpixel of one slice, support and query two augmentations of it."""
+    """Self-supervised episodes: one superpixel of one slice is the pseudo-class.
+
+    span = 0: support and query are two augmentations of the slice (SSL-ALPNet). span > 0: the query is
+    slice z + d, d drawn uniformly from [-span, span], masked by `linked_mask`; when the link is weak
+    (IoU with the support mask below `min_iou`, or too few pixels) the query falls back to slice z.
+    """
 
     def __init__(self, images: dict[str, np.ndarray], segments: dict[str, np.ndarray], *, augment: Augmenter,
-                 min_pixels: int = 16, n_supports: int = 1) -> None:
+                 min_pixels: int = 16, n_supports: int = 1, span: int = 0, min_iou: float = 0.3) -> None:
+        if span < 0:
+            raise SegmentInputError(f"span must be >= 0 slices, got {span}")
         self.images, self.segments, self.augment = images, segments, augment
-        self.min_pixels, self.n_supports = min_pixels, n_supports
+        self.min_pixels, self.n_supports, self.span, self.min_iou = min_pixels, n_supports, span, min_iou
         # (volume id, slice, candidate superpixel labels) for every slice with a usable superpixel
         self.slices = []
         for vid, seg in segments.items():
@@ -121,14 +131,42 @@ class SuperpixelSampler:
         if not self.slices:
             raise SegmentInputError(f"no superpixel of at least {min_pixels} pixels in volumes {sorted(segments)}")
 
+    def query_slice(self, vid: str, z: int, mask: np.ndarray, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+        """(slice, pseudo-mask) of the query: a linked neighbour within `span`, else slice z itself."""
+        if self.span == 0:
+            return z, mask
+        seg = self.segments[vid]
+        d = int(rng.integers(-self.span, self.span + 1))
+        if d == 0 or not 0 <= z + d < seg.shape[0]:
+            return z, mask
+        linked = linked_mask(seg[z + d], mask)
+        iou = (linked & mask).sum() / max(1, (linked | mask).sum())
+        if linked.sum() < self.min_pixels or iou < self.min_iou:
+            return z, mask
+        return z + d, linked
+
     def sample(self, rng: np.random.Generator) -> Episode:
         vid, z, labels = self.slices[int(rng.integers(len(self.slices)))]
         label = int(labels[int(rng.integers(len(labels)))])
         image, mask = self.images[vid][z], (self.segments[vid][z] == label)
-        pairs = [_augment_valid(self.augment, image, mask, rng, self.min_pixels) for _ in range(self.n_supports + 1)]
+        pairs = [_augment_valid(self.augment, image, mask, rng, self.min_pixels) for _ in range(self.n_supports)]
+        zq, qmask = self.query_slice(vid, z, mask, rng)
+        pairs.append(_augment_valid(self.augment, self.images[vid][zq], qmask, rng, self.min_pixels))
         si, sm = _pair_tensors(pairs[:-1])
         qi, qm = _pair_tensors(pairs[-1:])
         return Episode(si, sm, qi, qm, source="superpixel", volume_ids=(vid,))
+
+
+def linked_mask(segments: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the superpixels of `segments` (H, W) that lie mostly (> 50 %) inside `mask` (H, W).
+
+    Links a superpixel to the neighbouring slice by overlap; label 0 (outside the body) never joins.
+    """
+    counts = np.bincount(segments.ravel())
+    inside = np.bincount(segments.ravel(), weights=mask.ravel().astype(np.float64), minlength=len(counts))
+    keep = inside > 0.5 * np.maximum(counts, 1)
+    keep[0] = False
+    return keep[segments]
 
 
 class SupervisedSampler:

@@ -35,9 +35,9 @@ class PrototypeConfig:
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):  # rebuilt from a saved checkpoint
             object.__setattr__(self, "encoder", EncoderConfig(**self.encoder))
-        if self.resolution % self.encoder.stride:
-            raise ValueError(f"PrototypeConfig.resolution {self.resolution} must be divisible by the encoder "
-                             f"stride {self.encoder.stride}")
+        if self.resolution % self.encoder.input_multiple:
+            raise ValueError(f"PrototypeConfig.resolution {self.resolution} must be divisible by "
+                             f"2**depth = {self.encoder.input_multiple}")
         if not 0.0 < self.fg_threshold <= 1.0 or not 0.0 < self.bg_threshold <= 1.0:
             raise ValueError(f"thresholds must lie in (0, 1], got fg {self.fg_threshold}, bg {self.bg_threshold}")
 

@@ -36,13 +36,15 @@ def build_model(config: SegmenterConfig) -> torch.nn.Module:
     """The untrained network that `config` describes."""
     if config.model == "prototype":
         enc = EncoderConfig(width=config.width, depth=config.depth, dilated_blocks=config.dilated_blocks,
-                            embed_dim=config.embed_dim, norm=config.norm)
+                            embed_dim=config.embed_dim, norm=config.norm, fuse_stem=config.fuse_stem,
+                            coords=config.coords)
         kernel = max(1, (config.resolution // enc.stride) // 8)  # ALPNet: an 8 x 8 grid of local cells
         return PrototypeNet(config=PrototypeConfig(encoder=enc, resolution=config.resolution, local_kernel=kernel,
                                                    align=config.align_weight > 0))
     return ConditionalNet(config=ConditionalConfig(resolution=config.resolution, width=config.width,
                                                    cond_width=max(4, config.width // 2), levels=config.depth + 1,
-                                                   norm=config.norm))
+                                                   norm=config.norm, spatial_gates=config.spatial_gates,
+                                                   similarity_gates=config.similarity_gates))
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -200,7 +202,8 @@ def training_sampler(config: SegmenterConfig, data, fold, *, test_class_ids: tup
         segs = superpixels(data, params=SuperpixelParams(scale=config.superpixel_scale), cache_dir=cache,
                            volume_ids=fold.train)
         segs = {vid: np.where(allowed[vid][:, None, None], s, 0) for vid, s in segs.items()}
-        sources["superpixel"] = (SuperpixelSampler(images, segs, augment=augment, n_supports=config.n_supports),
+        sources["superpixel"] = (SuperpixelSampler(images, segs, augment=augment, n_supports=config.n_supports,
+                                                   span=config.neighbour_span, min_iou=config.neighbour_min_iou),
                                  config.mix_superpixel)
     train_classes = tuple(c for c in range(1, len(names) + 1) if c not in excluded)
     if config.mix_supervised > 0 and train_classes:

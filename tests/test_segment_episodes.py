@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from segment.episodes import Augmenter, AugmentParams, PairSampler, SuperpixelSampler, SupervisedSampler, collate
+from segment.episodes import (Augmenter, AugmentParams, PairSampler, SuperpixelSampler, SupervisedSampler, collate,
+                              linked_mask)
 from segment.pooling import SegmentInputError
 from segment.data.protocol import make_folds
 from segment.data.superpixels import SuperpixelParams, superpixels
@@ -115,3 +116,68 @@ def test_augmenter_is_seeded_and_keeps_masks_binary():
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert set(np.unique(a[1]).tolist()) <= {0.0, 1.0}
     assert not np.array_equal(a[0], image)
+
+
+def test_linked_mask_takes_the_superpixels_mostly_inside_the_support_mask():
+    segments = np.array([[1, 1, 2, 2],
+                         [1, 1, 2, 2],
+                         [3, 3, 0, 0],
+                         [3, 3, 0, 0]])
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[:2, :3] = True  # all of segment 1, half of segment 2
+    mask[2:, 2:] = True  # all of label 0 (outside the body): never linked
+    linked = linked_mask(segments, mask)
+    assert np.array_equal(linked, segments == 1)  # 2 is only half inside (not a majority), 3 not at all
+
+
+def _stack(slices: list[np.ndarray]) -> np.ndarray:
+    return np.stack(slices).astype(np.int32)  # (Z, H, W)
+
+
+def test_neighbour_episodes_take_the_query_from_a_linked_slice():
+    square = np.zeros((16, 16), dtype=np.int32)
+    square[4:12, 4:12] = 1
+    shifted = np.zeros((16, 16), dtype=np.int32)
+    shifted[5:13, 4:12] = 1  # the same structure one row lower on the next slice
+    images = {"a": np.stack([np.full((16, 16), float(z)) for z in range(2)]).astype(np.float32)}
+    sampler = SuperpixelSampler(images, {"a": _stack([square, shifted])}, augment=Augmenter(None), min_pixels=4,
+                                span=1)
+    rng = np.random.default_rng(0)
+    episodes = [sampler.sample(rng) for _ in range(40)]
+    moved = [e for e in episodes if e.query_images[0, 0, 0, 0] != e.support_images[0, 0, 0, 0]]
+    assert 5 < len(moved) < 35  # d = +-1 or 0, and d = -1 off the first slice falls back
+    for e in moved:  # the query's mask is its own slice's superpixel, not a copy of the support's
+        z = int(e.query_images[0, 0, 0, 0])
+        assert np.array_equal(e.query_masks[0, 0].numpy(), [square, shifted][z] == 1)
+    same = SuperpixelSampler(images, {"a": _stack([square, shifted])}, augment=Augmenter(None), min_pixels=4)
+    assert all(torch.equal(e.query_images, e.support_images) for e in (same.sample(rng) for _ in range(10)))
+
+
+def test_neighbour_episodes_fall_back_to_the_support_slice_when_the_link_is_weak():
+    left = np.zeros((16, 16), dtype=np.int32)
+    left[4:12, 0:6] = 1
+    right = np.zeros((16, 16), dtype=np.int32)
+    right[4:12, 10:16] = 1  # no overlap with the support's superpixel: no link
+    images = {"a": np.stack([np.full((16, 16), float(z)) for z in range(2)]).astype(np.float32)}
+    sampler = SuperpixelSampler(images, {"a": _stack([left, right])}, augment=Augmenter(None), min_pixels=4, span=1)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        e = sampler.sample(rng)
+        assert torch.equal(e.query_images, e.support_images) and torch.equal(e.query_masks, e.support_masks)
+    with pytest.raises(SegmentInputError, match="span must be >= 0 slices, got -1"):
+        SuperpixelSampler(images, {"a": _stack([left, right])}, augment=Augmenter(None), span=-1)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("neighbour_span", -1, "neighbour_span must be >= 0, got -1"),
+    ("neighbour_min_iou", 1.5, r"neighbour_min_iou must lie in \[0, 1\], got 1.5"),
+])
+def test_neighbour_config_values_are_checked(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        SegmenterConfig(**{key: value})
+
+
+def test_training_sampler_passes_the_neighbour_span(phantom_data, fold):
+    sampler = training_sampler(config(neighbour_span=2), phantom_data, fold, test_class_ids=(1,), setting=1)
+    (spx,) = sampler.samplers
+    assert spx.span == 2 and spx.min_iou == 0.3

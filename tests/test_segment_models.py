@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from segment.conditional import ConditionalConfig
 from segment.encoder import Encoder, EncoderConfig, load_encoder_weights
 from segment.pooling import SegmentInputError, cosine_scores, local_prototypes, masked_average_pool
 from segment.predict import largest_component, make_predictor
@@ -20,6 +21,12 @@ TINY = dict(width=4, depth=2, dilated_blocks=1, embed_dim=8, resolution=R)
 
 
 def tiny(kind: str) -> SegmenterConfig:
+    """"conditional+positional": Roy et al.'s positional gates instead of similarity gates; "prototype+fused":
+    the stem fused into the embedding."""
+    if kind == "conditional+positional":
+        return SegmenterConfig(model="conditional", similarity_gates=False, spatial_gates=True, **TINY)
+    if kind == "prototype+fused":
+        return SegmenterConfig(model="prototype", fuse_stem=True, **TINY)
     return SegmenterConfig(model=kind, **TINY)
 
 
@@ -31,7 +38,7 @@ def episode(s: int = 1, q: int = 2, seed: int = 0):
     return images, masks, torch.randn(q, 1, R, R, generator=g)
 
 
-@pytest.fixture(params=["prototype", "conditional"])
+@pytest.fixture(params=["prototype", "prototype+fused", "conditional", "conditional+positional"])
 def kind(request) -> str:
     return request.param
 
@@ -181,3 +188,54 @@ def test_self_support_refinement_changes_the_prototype_prediction():
     assert refined.shape == plain.shape and not torch.allclose(plain, refined)
     with pytest.raises(ValueError, match="needs a prototype model"):
         make_predictor(build_model(tiny("conditional")), self_support=1)
+
+
+def test_similarity_gate_opens_where_query_features_resemble_the_support_foreground():
+    model = build_model(tiny("conditional"))
+    fg, bg = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    support = bg[:, None, None].repeat(1, 4, 4)  # (C, h, w): background features ...
+    support[:, :2, :2] = fg[:, None, None]  # ... with a foreground corner
+    query = bg[:, None, None].repeat(1, 4, 4)
+    query[:, 2:, 2:] = fg[:, None, None]  # the foreground elsewhere in the query
+    mask = torch.zeros(1, 1, 1, 4, 4)
+    mask[..., :2, :2] = 1
+    gate = model.similarity_gate(0, torch.stack([support, query])[None], mask)  # (1, 2, 1, 4, 4)
+    a, b = float(model.similarity_scale[0]), float(model.similarity_bias[0])
+    expect_fg, expect_bg = torch.sigmoid(torch.tensor(a + b)), torch.sigmoid(torch.tensor(-a + b))  # cos 1 vs 0
+    assert torch.allclose(gate[0, 1, 0, 2:, 2:], expect_fg) and torch.allclose(gate[0, 1, 0, :2, :2], expect_bg)
+    assert torch.allclose(gate[0, 0, 0, :2, :2], expect_fg)  # the support is gated the same way
+
+
+def test_conditional_config_needs_some_gate():
+    with pytest.raises(ValueError, match="needs channel_gates, spatial_gates or similarity_gates"):
+        ConditionalConfig(channel_gates=False, spatial_gates=False, similarity_gates=False)
+
+
+def test_fused_stem_halves_the_output_stride_and_uses_the_stem():
+    torch.manual_seed(0)
+    enc = Encoder(config=EncoderConfig(width=4, depth=3, dilated_blocks=1, embed_dim=8, fuse_stem=True)).eval()
+    assert enc.config.stride == 4 and enc.config.input_multiple == 8
+    x = torch.randn(1, 1, 64, 64)
+    assert enc(x).shape == (1, 8, 16, 16)
+    with torch.no_grad():
+        enc.fuse.weight[:, -4:] = 0  # cut the lateral link: the stem no longer reaches the embedding ...
+    cut = enc(x)
+    with torch.no_grad():
+        enc.fuse.weight[:, -4:] = 1
+    assert not torch.allclose(cut, enc(x))  # ... so with it the stem's features do
+    model = build_model(SegmenterConfig(fuse_stem=True, **{**TINY, "depth": 2}))
+    assert model.config.local_kernel == max(1, (R // 2) // 8)  # an 8 x 8 grid of local cells at stride 2
+    assert model.eval().segment(*episode()).shape == (2, 1, R, R)
+    with pytest.raises(ValueError, match="fuse_stem needs depth >= 2"):
+        EncoderConfig(depth=1, fuse_stem=True)
+
+
+def test_coordinate_channels_make_features_depend_on_position():
+    torch.manual_seed(0)
+    plain = Encoder(config=EncoderConfig(width=4, depth=2, dilated_blocks=0, embed_dim=8)).eval()
+    coords = Encoder(config=EncoderConfig(width=4, depth=2, dilated_blocks=0, embed_dim=8, coords=True)).eval()
+    assert coords.stem[0].in_channels == 3
+    flat = torch.ones(1, 1, 32, 32)  # the same value everywhere: only position can tell pixels apart
+    inner = (slice(None), slice(None), slice(2, 6), slice(2, 6))  # away from the zero-padded border
+    assert torch.allclose(plain(flat)[inner], plain(flat)[inner][..., :1, :1].expand(1, 8, 4, 4), atol=1e-5)
+    assert not torch.allclose(coords(flat)[inner], coords(flat)[inner][..., :1, :1].expand(1, 8, 4, 4), atol=1e-3)

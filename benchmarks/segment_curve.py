@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from segment_fewshot import cfg_key, parse_overrides  # noqa: E402 (one --set parser for both benchmarks)
 from segment.predict import make_predictor  # noqa: E402
-from segment.protocol import evaluate, make_folds  # noqa: E402
-from segment.slices import prepare  # noqa: E402
+from segment.data.protocol import evaluate, make_folds  # noqa: E402
+from segment.data.slices import prepare  # noqa: E402
 from segment.train import SegmenterConfig, load, train  # noqa: E402
-from segment.volumes import load_spec  # noqa: E402
+from segment.data.volumes import load_spec  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -26,6 +26,7 @@ from pathlib import Path
 from augment.config import DDPMConfig, GANConfig, LearnedConfig, OracleConfig
 
 CLASSICAL = "classical"  # the one source that learns nothing: support image and mask deformed together
+CHECKPOINT_FILE = "checkpoint.pt"  # a trained source's weights in its folder: the entry point callers name
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from augment.manifest import LeakageError, Provenance, check_no_leakage, merge
 from augment.pairs import PairError, as_pairs
+from augment.registry import CHECKPOINT_FILE
 
-CHECKPOINT_FILE = "checkpoint.pt"  # the weights; the entry point callers name
 META_FILE = "config.json"          # kind, config, provenance and the weights' SHA-256, as JSON
 FORMAT = 2                         # 1: one pickled checkpoint.pt holding everything (no longer read)
 

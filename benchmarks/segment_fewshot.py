@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from segment.predict import make_predictor  # noqa: E402
-from segment.data.protocol import GRIDS, PROTOCOLS, SETTINGS, evaluate, make_folds  # noqa: E402
+from segment.config import GRIDS, PROTOCOLS, SETTINGS  # noqa: E402
+from segment.data.protocol import evaluate, make_folds  # noqa: E402
 from segment.data.slices import prepare  # noqa: E402
 from segment.data.superpixels import superpixels  # noqa: E402
 from segment.train import SegmenterConfig, load, train  # noqa: E402

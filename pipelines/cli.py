@@ -1,4 +1,8 @@
-"""The `supportforge` command: a thin layer of argument parsing over the typed stage functions."""
+"""The `supportforge` command: a thin layer of argument parsing over the typed stage functions.
+
+Each command imports what it computes with (torch, scipy, nibabel) when it runs, so that `--help`, a
+config error and a fully cached run start without them.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,7 @@ from pathlib import Path
 
 from pipelines.cache import StageCache
 from pipelines.config import ConfigError, load
-from segment.data.phantom import write_phantom
-from segment.data.protocol import GRIDS, PROTOCOLS, empty_predictor, evaluate, make_folds, oracle_predictor
-from segment.data.slices import prepare
+from segment.config import GRIDS, PROTOCOLS
 from segment.data.volumes import DataError, resolve_spec
 
 DEFAULT_CACHE = Path(".cache/supportforge")
@@ -27,11 +29,16 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_phantom(args: argparse.Namespace) -> None:
     """Write the phantom into a new or empty folder (write_phantom refuses anything else)."""
+    from segment.data.phantom import write_phantom
+
     paths = write_phantom(args.out, n_volumes=args.volumes, size=args.size, depth=args.depth, seed=args.seed)
     print(f"wrote {len(paths)} files to {args.out}")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
+    from segment.data.protocol import make_folds
+    from segment.data.slices import prepare
+
     spec = resolve_spec(args.data, args.spec)
     start = time.perf_counter()
     data = prepare(spec, args.data, resolution=args.resolution, cache_dir=args.cache)
@@ -51,6 +58,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from segment.data.protocol import empty_predictor, evaluate, make_folds, oracle_predictor
+    from segment.data.slices import prepare
+
     spec = resolve_spec(args.data, args.spec)
     data = prepare(spec, args.data, resolution=args.resolution, cache_dir=args.cache)
     predictor = oracle_predictor(data) if args.predictor == "oracle" else empty_predictor

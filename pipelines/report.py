@@ -22,9 +22,9 @@ import numpy as np  # noqa: E402
 
 from pipelines.config import ROLES  # noqa: E402
 from pipelines.stats import ALL, arm_roles, gap_closed, paired_tests, summarise  # noqa: E402
+from segment.config import GRIDS  # noqa: E402
 from segment.data.volumes import DataError  # noqa: E402
 
-DICE_GRIDS = ("native", "working")
 REQUIRED_ROW_FIELDS = ("protocol", "model", "arm", "role", "class", "fold", "seed", "query", "dice")
 
 
@@ -180,8 +180,8 @@ class DiceScoring:
     postprocess: bool  # whether the largest-3D-component step ran before scoring
 
     def __post_init__(self) -> None:
-        if self.grid not in DICE_GRIDS:
-            raise ValueError(f"dice_grid = {self.grid!r}; expected one of {list(DICE_GRIDS)}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"dice_grid = {self.grid!r}; expected one of {list(GRIDS)}")
 
     def line(self, has_post: bool) -> str:
         step = "with" if self.postprocess else "without"
@@ -297,9 +297,9 @@ def load_results(path: Path) -> dict:
     if not isinstance(results, dict):
         raise DataError(f"{path}: a results JSON is an object with 'rows', 'dice_grid' and 'postprocess'")
     if "dice_grid" not in results:
-        raise DataError(f"{path}: no field 'dice_grid' (an older results format?); expected one of {list(DICE_GRIDS)}")
-    if results["dice_grid"] not in DICE_GRIDS:
-        raise DataError(f"{path}: dice_grid = {results['dice_grid']!r}; expected one of {list(DICE_GRIDS)}")
+        raise DataError(f"{path}: no field 'dice_grid' (an older results format?); expected one of {list(GRIDS)}")
+    if results["dice_grid"] not in GRIDS:
+        raise DataError(f"{path}: dice_grid = {results['dice_grid']!r}; expected one of {list(GRIDS)}")
     if not isinstance(results.get("postprocess"), bool):
         raise DataError(f"{path}: postprocess = {results.get('postprocess')!r}; expected true or false "
                         "(an older results format?)")

@@ -20,8 +20,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 from pipelines.cache import StageCache
 from pipelines.config import ConfigError, ExperimentConfig, as_dict
 from pipelines.executors import EXECUTORS, UnitArgs, check_backend
@@ -97,7 +95,9 @@ def _unit(cfg: ExperimentConfig, fold: Fold, seed: int, classes: tuple[str, ...]
     log = logging.getLogger("supportforge")
     if not log.handlers:
         log = setup_logging(Path(out))
-    if cfg.run.threads > 0:
+    if cfg.run.threads > 0 and not cached_only:
+        import torch  # a fully cached run never loads it
+
         torch.set_num_threads(cfg.run.threads)
     runner = StageRunner(StageCache(cfg.run.cache), force, log, cached_only=cached_only)
     data = data or load_data(cfg)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 MODELS = ("prototype", "conditional")
 SETTINGS = (1, 2)
 PROTOCOLS = ("EP1", "EP2")
+GRIDS = ("native", "working")  # where Dice is scored: the label files' grid or the working one
 # Working resolutions: multiples of 8 (the encoders halve the map up to 3 times) from 16 to 1024 px.
 RESOLUTIONS = range(16, 1025, 8)
 

@@ -111,6 +111,19 @@ def test_second_run_is_all_cached(first_run):
     assert _rows(tmp / "a") == before
 
 
+def test_a_fully_cached_run_loads_no_torch_scipy_or_nibabel(first_run):
+    """What keeps a cached rerun near half a second: every heavy import waits for a stage that computes."""
+    tmp, _, cfg = first_run
+    code = ("import sys\nfrom pipelines.cli import main\ncode = main(['run', sys.argv[1]])\n"
+            "heavy = sorted(m for m in ('torch', 'scipy', 'nibabel', 'skimage', 'matplotlib') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\nsys.exit(code)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "HEAVY []" in result.stdout, result.stdout
+    assert all(not ran for runs in _stages(tmp / "a").values() for ran in runs if ran is not None)
+
+
 def test_config_change_reruns_exactly_the_downstream_stages(first_run, phantom_dir):
     tmp, cache, _ = first_run
     cfg = _config(tmp, phantom_dir, name="b", cache=cache, n_pairs=3)  # more synthetic pairs, same cache

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import torch
 
 from pipelines.stages.base import Stage, StageEntry
 from pipelines.stages.inputs import synthetic_pairs
@@ -20,6 +19,8 @@ def _to_shape(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """(H, W) bool -> `shape` by nearest-exact sampling, the rule the working labels were made with."""
     if mask.shape == tuple(shape):
         return mask
+    import torch
+
     x = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, H, W)
     return torch.nn.functional.interpolate(x, size=tuple(shape), mode="nearest-exact")[0, 0].numpy() > 0.5
 

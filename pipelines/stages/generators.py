@@ -7,19 +7,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from augment.manifest import Provenance, refs
-from augment.registry import generator, volume_source
-from augment.training import CHECKPOINT_FILE
+from augment.registry import CHECKPOINT_FILE, generator, volume_source
 from pipelines.stages.base import Stage, StageEntry, context
 from pipelines.stages.inputs import support_pairs
 from segment.config import SuperpixelParams
 from segment.data.protocol import Fold, training_slice_mask
 from segment.data.slices import PreparedData
+
+if TYPE_CHECKING:  # torch loads inside the functions, so a fully cached run never imports it
+    import torch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +46,8 @@ class Superpixels(Stage):
 def pretrain_pairs(data: PreparedData, fold: Fold, excluded: tuple[int, ...], setting: int, params: SuperpixelParams,
                    cache_dir: str, seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], list[tuple[str, int]]]:
     """Unlabelled pool of a fold: each allowed training slice with one random superpixel as its mask."""
+    import torch
+
     from segment.data.superpixels import superpixels
     maps = superpixels(data, params=params, cache_dir=cache_dir, volume_ids=fold.train)
     rng = np.random.default_rng(seed)

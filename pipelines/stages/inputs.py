@@ -3,12 +3,16 @@ training may not use, and an arm's synthetic pairs (optionally filtered by mask 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from pipelines.stages.base import StageEntry
 from segment.data.protocol import Fold, ep1_support_indices, excluded_class_ids
 from segment.data.slices import PreparedData
+
+if TYPE_CHECKING:  # torch loads inside the functions, so a fully cached run never imports it
+    import torch
 
 
 def exclusion_sets(data: PreparedData, classes: tuple[str, ...], setting: int) -> dict[str, tuple[int, ...]]:
@@ -22,6 +26,8 @@ def exclusion_sets(data: PreparedData, classes: tuple[str, ...], setting: int) -
 
 def support_pairs(data: PreparedData, fold: Fold, name: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """The protocol's support pairs of a class: its EP1 slices of the fold's support volume, (3, 1, R, R)."""
+    import torch
+
     vol = data.volume(fold.support)
     idx = ep1_support_indices(vol.native_labels, data.spec.class_id(name))  # the protocol's slices
     images = torch.from_numpy(vol.images[idx][:, None].copy())
@@ -37,6 +43,8 @@ def synthetic_pairs(data: PreparedData, fold: Fold, class_name: str, sets: tuple
     With `min_dice` > 0, only pairs on which the base segmenter, given the real supports alone, recovers the
     intended mask with at least that Dice are kept (the mask-consistency filter of the literature).
     """
+    import torch
+
     from augment.quality import mask_consistency
     from augment.synthesis import load_set
     from segment import train as seg_train

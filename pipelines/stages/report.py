@@ -37,12 +37,14 @@ def code_commit(root: Path = Path(__file__).resolve().parents[2]) -> dict:
 
 
 def device_info(cpu: bool) -> dict:
-    """The device stages compute on (accelerate's choice for the `cpu` flag) and the machine's CPU."""
-    import torch
-    if cpu or not torch.cuda.is_available():
-        device, name = "cpu", None
-    else:
-        device, name = "cuda", torch.cuda.get_device_name(0)
+    """The device stages compute on (accelerate's choice for the `cpu` flag) and the machine's CPU; torch
+    is asked only when the flag lets a GPU be used."""
+    device, name = "cpu", None
+    if not cpu:
+        import torch
+
+        if torch.cuda.is_available():
+            device, name = "cuda", torch.cuda.get_device_name(0)
     return {"device": device, "accelerator": name, "cpu": platform.processor() or platform.machine(),
             "platform": platform.platform()}
 
@@ -115,7 +117,6 @@ class Report(Stage):
     units: tuple[tuple[int, int], ...]
     failed_units: tuple[dict, ...] = ()
     provenance: dict[str, Any] = field(default_factory=dict)  # commit and device of the run that wrote it
-    flips: tuple[bool, bool] = (False, False)  # display only: slices shown in radiological orientation
 
     @property
     def label(self) -> str:
@@ -124,20 +125,23 @@ class Report(Stage):
     def produce(self, folder: Path) -> None:
         from augment.synthesis import load_set, save_grid
         from pipelines import report
+        from segment.data.volumes import radiological_flips
+        # display only, read from the data's first volume (its files are in the data's key)
+        flips = radiological_flips(self.data.source / self.data.spec.image_pattern.format(id=self.data.ids[0]))
         figures = {}
         for protocol in self.protocols:
             for model in self.models:
                 name = f"overlays_{model}_{protocol}.png"
                 classes = list(dict.fromkeys(r["class"] for r in self.rows))
                 report.overlay_figure(overlay_panels(self.evals, model, protocol), folder / name,
-                                      cols=len(classes) * self.overlays, flips=self.flips)
+                                      cols=len(classes) * self.overlays, flips=flips)
                 figures[f"Query overlays, {model}, {protocol}: truth green, prediction red"] = name
         for c, sets in self.pairs.items():
             images, masks, _ = support_pairs(self.data, self.first_fold, c)
             grid = {"real supports": (images, masks)} | {s: load_set(e.path / "set") for s, e in sets.items()}
             name = f"pairs_{c}.png"
             save_grid(grid, folder / name, title=f"{c}: real supports and synthetic pairs (fold {self.first_fold.index})",
-                      flips=self.flips)
+                      flips=flips)
             figures[f"Synthetic pairs, {c}"] = name
         context = {"experiment": self.experiment, "dataset": self.data.spec.to_dict(), "data": os.path.relpath(self.data.source),
                    "data_key": self.data.key, "resolution": self.data.resolution, "config": self.config,

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import torch
-
 from pipelines.stages.base import Stage, StageEntry, context
 from pipelines.stages.inputs import support_pairs, synthetic_pairs
 from segment.config import SegmenterConfig
@@ -63,6 +61,8 @@ class Finetune(Stage):
         return self.log_label
 
     def produce(self, folder: Path) -> None:
+        import torch
+
         from segment import train as seg_train
         real_i, real_m, _ = support_pairs(self.data, self.fold, self.class_name)
         syn_i, syn_m = synthetic_pairs(self.data, self.fold, self.class_name, self.synthesis, base_model=self.base,

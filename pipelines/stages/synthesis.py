@@ -9,9 +9,7 @@ from typing import Any, ClassVar
 
 from augment.manifest import refs
 from augment.config import DeformConfig
-from augment.pairs import PairError
-from augment.registry import CLASSICAL, VOLUME_SOURCES, volume_source
-from augment.training import CHECKPOINT_FILE
+from augment.registry import CHECKPOINT_FILE, CLASSICAL, VOLUME_SOURCES, volume_source
 from pipelines.stages.base import Stage, StageEntry
 from pipelines.stages.inputs import support_pairs
 from segment.data.protocol import Fold
@@ -59,6 +57,8 @@ class Synthesis(Stage):
     def volume_set(self, images, masks, ids, idx):
         """A volume source's set; a bad pair (model at another resolution, every warp of a support failing
         its checks) becomes a one-line `DataError` naming it, and nothing is written."""
+        from augment.pairs import PairError
+
         src = volume_source(self.source)
         cid = self.data.spec.class_id(self.class_name)
         volumes = {v: self.data.volume(v).images for v in self.fold.train}  # (Z, R, R)

@@ -28,7 +28,6 @@ from pipelines.stages.synthesis import Quality, Synthesis
 from segment.config import SegmenterConfig, SuperpixelParams
 from segment.data.protocol import Fold, make_folds
 from segment.data.slices import PreparedData
-from segment.data.volumes import radiological_flips
 
 
 @dataclass(frozen=True)
@@ -142,5 +141,4 @@ def report_stage(cfg: ExperimentConfig, data: PreparedData, rows: list[dict], un
                   evals=tuple(e for u in units for e in u.evals), quality=tuple(q for u in units for q in u.quality),
                   pairs=pairs, first_fold=make_folds(data.ids, data.spec.n_folds)[first.fold],
                   units=tuple((u.fold, u.seed) for u in units), failed_units=tuple(failed_units),
-                  provenance=provenance(cfg.run.cpu),
-                  flips=radiological_flips(data.source / data.spec.image_pattern.format(id=data.ids[0])))
+                  provenance=provenance(cfg.run.cpu))

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-from scipy.ndimage import gaussian_filter
 
 from segment.data.volumes import SPEC_DIR, DataError
 
@@ -29,6 +27,8 @@ _ORGANS = (
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
     """Zero-mean, unit-std smooth random field."""
+    from scipy.ndimage import gaussian_filter
+
     field = gaussian_filter(rng.standard_normal(shape), sigma)
     return (field - field.mean()) / (field.std() + 1e-8)
 
@@ -77,6 +77,8 @@ def write_phantom(out_dir: str | Path, *, n_volumes: int = 8, size: int = 96, de
     if out.is_dir() and any(out.iterdir()):
         raise DataError(f"phantom: {out} is not empty; refusing to overwrite or mix with its files, give a new "
                         f"or empty folder")
+    import nibabel
+
     out.mkdir(parents=True, exist_ok=True)
     affine = np.diag([1.25 * 256 / size, 1.25 * 256 / size, 7.7, 1.0])
     written = []
@@ -85,7 +87,7 @@ def write_phantom(out_dir: str | Path, *, n_volumes: int = 8, size: int = 96, de
         # NIfTI order is (X, Y, Z); the loader turns it back into (Z, H, W).
         for name, array in (("image", image), ("label", labels)):
             path = out / f"{name}_{i}.nii.gz"
-            nib.save(nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine), path)
+            nibabel.save(nibabel.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine), path)
             written.append(path)
     spec_path = out / "dataset.toml"
     spec_text = (SPEC_DIR / "phantom.toml").read_text()

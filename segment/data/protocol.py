@@ -51,21 +51,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from scipy import ndimage
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
-from segment.config import PROTOCOLS, SETTINGS  # defined torch-free so configs validate without torch
+import numpy as np
+
+from segment.config import GRIDS, PROTOCOLS, SETTINGS  # defined torch-free so configs validate without torch
 from segment.data.slices import PreparedData, Volume
 from segment.data.volumes import DataError, DatasetSpec
 
-GRIDS = ("native", "working")
+if TYPE_CHECKING:  # torch and scipy load where scores are computed, so folds come without them
+    import torch
 
 # (support images (S, 1, R, R), support masks (S, 1, R, R) in {0, 1}, query images (Q, 1, R, R))
 #   -> query foreground (Q, 1, R, R) or (Q, 1, H0, W0), probabilities or {0, 1}; thresholded at 0.5.
-Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Predictor = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 # called as on_prediction(fold index, class name, query id, slice indices (n,), masks (n, H, W) bool on
 # the scoring grid, before post-processing)
 PredictionHook = Callable[[int, str, str, np.ndarray, np.ndarray], None]
@@ -157,6 +156,8 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def largest_component(masks: np.ndarray) -> np.ndarray:
     """(Z, H, W) bool -> the largest 26-connected 3D component (empty stays empty)."""
+    from scipy import ndimage
+
     labels, n = ndimage.label(masks, structure=np.ones((3, 3, 3), dtype=bool))
     if n <= 1:
         return masks
@@ -165,12 +166,16 @@ def largest_component(masks: np.ndarray) -> np.ndarray:
 
 
 def _as_batch(slices: np.ndarray) -> torch.Tensor:
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]  # (n, 1, R, R)
 
 
 def _on_grid(out: torch.Tensor, grid_shape: tuple[int, int], *, from_working: bool) -> torch.Tensor:
     """(Q, 1, h, w) probabilities -> (Q, 1, *grid_shape): bilinear from the working grid, nearest-exact
     from the native one (the rule the working labels were made with); untouched when already there."""
+    import torch.nn.functional as F
+
     if tuple(out.shape[-2:]) == tuple(grid_shape):
         return out
     if from_working:
@@ -181,6 +186,8 @@ def _on_grid(out: torch.Tensor, grid_shape: tuple[int, int], *, from_working: bo
 def _predict(predictor: Predictor, sup_img: np.ndarray, sup_mask: np.ndarray, qry: np.ndarray,
              native_shape: tuple[int, int], grid_shape: tuple[int, int]) -> np.ndarray:
     """Run the predictor on one task and return (Q, *grid_shape) bool, checking what it returned."""
+    import torch
+
     out = predictor(_as_batch(sup_img), _as_batch(sup_mask), _as_batch(qry))
     out = out.detach().float().cpu() if isinstance(out, torch.Tensor) else torch.as_tensor(out, dtype=torch.float32)
     working = (len(qry), 1, *qry.shape[1:])
@@ -225,6 +232,8 @@ def evaluate(predictor: Predictor | None, data: PreparedData, folds: list[Fold],
     `predictor_for_fold(fold, class_name)`, when given, supplies a predictor per fold and class (a model
     trained for that fold); otherwise `predictor` serves every task.
     """
+    from tqdm import tqdm
+
     if protocol not in PROTOCOLS:
         raise DataError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if dice_grid not in GRIDS:
@@ -286,6 +295,8 @@ def _summarise(fold_rows: list[dict], skipped: list[dict], data: PreparedData, c
 
 def empty_predictor(support_images: torch.Tensor, support_masks: torch.Tensor, query_images: torch.Tensor) -> torch.Tensor:
     """Predicts background everywhere: the floor every method must beat (Dice 0)."""
+    import torch
+
     return torch.zeros_like(query_images)
 
 
@@ -306,6 +317,8 @@ def oracle_predictor(data: PreparedData) -> Predictor:
         sup_mask = support_masks[0, 0].numpy() > 0.5
         cid = next(c for c in np.unique(sup_labels[sup_mask]) if np.array_equal(sup_labels == c, sup_mask))
         out = [index[q[0].numpy().tobytes()][1] == cid for q in query_images]
+        import torch
+
         return torch.from_numpy(np.stack(out).astype(np.float32))[:, None]
 
     return predict

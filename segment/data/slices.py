@@ -18,11 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from segment.config import RESOLUTIONS
 from segment.data.integrity import load_verified, sha256_file, write_atomically
@@ -104,6 +100,9 @@ def cache_key(spec: DatasetSpec, data_dir: Path, ids: list[str], resolution: int
 
 def _resize(volume: np.ndarray, resolution: int, *, labels: bool) -> np.ndarray:
     """(Z, H, W) -> (Z, R, R): antialiased bilinear for intensities, nearest for labels."""
+    import torch
+    import torch.nn.functional as F
+
     x = torch.from_numpy(volume.astype(np.float32))[:, None]  # (Z, 1, H, W)
     if labels:
         y = F.interpolate(x, size=(resolution, resolution), mode="nearest-exact")
@@ -156,10 +155,12 @@ def memory_budget() -> int:
 def _check_memory(spec: DatasetSpec, data_dir: Path, ids: list[str], resolution: int) -> None:
     """Refuse, before reading any voxel, slices that would not fit: slices x R x R x 4 bytes, twice
     (resized images and the working copies). Slice counts come from the NIfTI headers."""
+    import nibabel
+
     n_slices = 0
     for vid in ids:
         try:
-            n_slices += int(nib.load(data_dir / spec.image_pattern.format(id=vid)).shape[2])
+            n_slices += int(nibabel.load(data_dir / spec.image_pattern.format(id=vid)).shape[2])
         except Exception:  # an unreadable file is reported, with its reason, when it is loaded
             continue
     needed, budget = n_slices * resolution * resolution * 4 * 2, memory_budget()
@@ -185,7 +186,6 @@ def prepare(spec: DatasetSpec, data_dir: str | Path, *, resolution: int, cache_d
     if len(ids) < needed:
         raise DataError(f"{data_dir}: {len(ids)} volume(s) found but spec {spec.name!r} has {spec.n_folds} folds; "
                         f"need at least {needed} volumes")
-    _check_memory(spec, data_dir, ids, resolution)
     key = cache_key(spec, data_dir, ids, resolution)
     folder = Path(cache_dir) / "slices" / f"{spec.name}-{resolution}-{key}"
     if folder.resolve().parent != folder.parent.resolve():  # specs check their names; this guards any other path
@@ -196,6 +196,9 @@ def prepare(spec: DatasetSpec, data_dir: str | Path, *, resolution: int, cache_d
         volumes = tuple(_volume(vid, cached[_volume_file(vid)]) for vid in ids)
         return PreparedData(spec, resolution, volumes, key, folder, data_dir, built=False)
 
+    from tqdm import tqdm
+
+    _check_memory(spec, data_dir, ids, resolution)  # from the headers, before any voxel is read
     raw = [load_raw_volume(spec, data_dir, vid) for vid in tqdm(ids, desc=f"read {spec.name}", unit="vol")]
     present = set().union(*(np.unique(lb).tolist() for _, lb in raw))
     absent = [f"{name!r} (raw value {raw_value})" for raw_value, name in sorted(spec.labels.items())

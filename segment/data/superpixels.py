@@ -15,8 +15,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
-from tqdm import tqdm
 
 from segment.config import SuperpixelParams  # noqa: F401 (re-exported)
 from segment.data.integrity import load_verified, write_atomically
@@ -27,6 +25,8 @@ SUPERPIXELS_VERSION = "1"  # bump when the computation below changes what it wri
 
 def body_mask(image: np.ndarray) -> np.ndarray:
     """(H, W) bool: pixels brighter than the air floor, holes filled, largest component only."""
+    from scipy import ndimage
+
     floor = float(image.min())
     spread = float(image.max()) - floor
     mask = ndimage.binary_fill_holes(image > floor + 0.05 * spread)
@@ -39,7 +39,7 @@ def body_mask(image: np.ndarray) -> np.ndarray:
 
 def slice_superpixels(image: np.ndarray, params: SuperpixelParams) -> np.ndarray:
     """One slice (H, W) float -> (H, W) int32 segments 1..K inside the body, 0 outside."""
-    from skimage.segmentation import felzenszwalb  # imported here: a run that finds its cache whole never needs it
+    from skimage.segmentation import felzenszwalb
     segments = felzenszwalb(image.astype(np.float64), scale=params.scale, sigma=params.sigma,
                             min_size=params.min_size(image.shape[-1]))
     body = body_mask(image)
@@ -76,6 +76,8 @@ def superpixels(data, *, params: SuperpixelParams = SuperpixelParams(), cache_di
     cached = load_verified(Path(cache_dir), folder, [_file(vid) for vid in wanted], load_npz)
     if cached is not None:
         return {vid: cached[_file(vid)]["segments"] for vid in wanted}
+    from tqdm import tqdm
+
     maps = {v.id: volume_superpixels(v.images, params)
             for v in tqdm(data.volumes, desc="superpixels", unit="vol", leave=False)}
 

@@ -16,7 +16,6 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 SPEC_DIR = Path(__file__).parent / "specs"
@@ -160,11 +159,13 @@ def find_volume_ids(spec: DatasetSpec, data_dir: Path) -> list[str]:
 
 
 def _read_nifti(path: Path) -> np.ndarray:
+    import nibabel  # loads only where volumes are read, so a cached run starts without it
+
     if not path.is_file():
         raise DataError(f"{path}: file is missing")
     try:
-        return np.asarray(nib.load(path).dataobj)
-    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as err:
+        return np.asarray(nibabel.load(path).dataobj)
+    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nibabel.filebasedimages.ImageFileError) as err:
         raise DataError(f"{path}: cannot be read as NIfTI ({type(err).__name__}: {err})") from None
 
 
@@ -219,7 +220,9 @@ def radiological_flips(path: Path) -> tuple[bool, bool]:
     A display step only: slices are stored as the file holds them, (Z, j, i). Read from the header's
     affine; a volume whose first two axes are not left-right and anterior-posterior is not flipped.
     """
-    codes = nib.aff2axcodes(nib.load(path).affine)  # e.g. ('L', 'A', 'S'): direction each voxel axis increases to
+    import nibabel
+
+    codes = nibabel.aff2axcodes(nibabel.load(path).affine)  # e.g. ('L', 'A', 'S'): direction each voxel axis increases to
     if {codes[0], codes[1]} not in ({"L", "A"}, {"L", "P"}, {"R", "A"}, {"R", "P"}) or codes[0] not in "LR":
         return False, False
     return codes[1] == "A", codes[0] == "R"  # rows run top to bottom, columns left to right

@@ -10,6 +10,16 @@ from dataclasses import dataclass
 SAMPLERS = ("ddim", "dpmsolver++")
 PREDICTIONS = ("epsilon", "v_prediction")
 PRECISIONS = ("no", "bf16", "fp16")
+FINETUNE_ON = ("supports", "learned")  # the class's real supports alone, or with the learned source's pairs added
+
+
+def _check_finetune_on(owner: str, finetune_on: str, finetune_pairs: int) -> None:
+    """What the per-class fine-tune learns from: a known source, and at least one of its pairs."""
+    if finetune_on not in FINETUNE_ON:
+        raise ValueError(f"{owner}.finetune_on={finetune_on!r}; valid: {list(FINETUNE_ON)}")
+    if finetune_pairs < 1:
+        raise ValueError(f"{owner}.finetune_pairs must be >= 1 (pairs of finetune_on added to the supports), "
+                         f"got {finetune_pairs}")
 
 
 def _check_steps(owner: str, pretrain_steps: int, finetune_steps: int) -> None:
@@ -38,6 +48,8 @@ class DDPMConfig:
     batch_size: int = 16
     pretrain_steps: int = 1000
     finetune_steps: int = 200
+    finetune_on: str = "supports"      # "learned": fine-tune on the learned source's pairs plus the supports
+    finetune_pairs: int = 64           # how many of those pairs (finetune_on = "learned" only)
     ema_max_decay: float = 0.999
     sampler: str = "dpmsolver++"
     sample_steps: int = 10
@@ -62,6 +74,7 @@ class DDPMConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"DDPMConfig.{name} must be >= 1, got {getattr(self, name)}")
         _check_steps("DDPMConfig", self.pretrain_steps, self.finetune_steps)
+        _check_finetune_on("DDPMConfig", self.finetune_on, self.finetune_pairs)
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,8 @@ class GANConfig:
     batch_size: int = 16
     pretrain_steps: int = 1000
     finetune_steps: int = 200
+    finetune_on: str = "supports"   # "learned": fine-tune on the learned source's pairs plus the supports
+    finetune_pairs: int = 64        # how many of those pairs (finetune_on = "learned" only)
     seed: int = 0
     cpu: bool = True
     mixed_precision: str = "no"
@@ -94,6 +109,7 @@ class GANConfig:
             raise ValueError(f"GANConfig: disc_scales, disc_layers and batch_size must be >= 1, got "
                              f"{self.disc_scales}, {self.disc_layers}, {self.batch_size}")
         _check_steps("GANConfig", self.pretrain_steps, self.finetune_steps)
+        _check_finetune_on("GANConfig", self.finetune_on, self.finetune_pairs)
 
 
 @dataclass(frozen=True)
@@ -181,3 +197,21 @@ class OracleConfig:
     resolution: int = 128
     seed: int = 0
     cpu: bool = True
+
+
+@dataclass(frozen=True)
+class SDEditConfig:
+    """The SDEdit source (`augment.sdedit`, Meng et al. 2022): the learned source's pairs, each image noised to
+    `strength` of the diffusion trajectory and denoised by the class's fine-tuned DDPM, mask kept.
+
+    strength 0 returns the warped images unchanged, 1 discards them (ordinary sampling for their masks). The
+    sampler, its steps and batch come from [generators.ddpm]."""
+    resolution: int = 128
+    strength: float = 0.5
+    seed: int = 0
+    cpu: bool = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"SDEditConfig.strength={self.strength}; it is the fraction of the diffusion "
+                             f"trajectory, in [0, 1] (0 keeps the image, 1 samples from noise)")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from augment.config import PREDICTIONS, PRECISIONS, SAMPLERS, DDPMConfig  # noqa: F401 (re-exported)
 from augment.manifest import Provenance
-from augment.pairs import check_masks
+from augment.pairs import as_pairs, check_masks
 from augment.training import (check_resolution, load_checkpoint, make_accelerator, prepare_training_data,
                               run_steps, save_on_main, seeded_batches, set_lr)
 
@@ -189,13 +189,74 @@ def sample(checkpoint: Path | dict, masks, *, seed: int, steps: int | None = Non
         cond = None if cond is None else cond.to(device)
         # 2. reverse process with the few-step solver
         scheduler.set_timesteps(steps)
-        for t in scheduler.timesteps:
-            out = unet(_unet_input(x, cond), t).sample
-            x = scheduler.step(out, t, x).prev_sample
+        x = _reverse(unet, scheduler, x, cond, scheduler.timesteps)
         # 3. split image and mask
         images.append(x[:, :1].cpu())
         out_masks.append((x[:, 1:2] > 0).float().cpu() if config.joint else chunk)
     return torch.cat(images), torch.cat(out_masks)
+
+
+def _reverse(unet: UNet2DModel, scheduler, x: torch.Tensor, cond: torch.Tensor | None, timesteps) -> torch.Tensor:
+    """Run the solver's reverse steps `timesteps` from `x` `(B, C, H, W)`."""
+    for t in timesteps:
+        out = unet(_unet_input(x, cond), t).sample
+        x = scheduler.step(out, t, x).prev_sample
+    return x
+
+
+def sdedit_steps(steps: int, strength: float) -> int:
+    """How many of the sampler's `steps` SDEdit runs: the trajectory's last int(steps * strength), as in
+    diffusers' img2img pipelines (0 keeps the image, `steps` is the whole trajectory)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength={strength}; it is the fraction of the diffusion trajectory, in [0, 1]")
+    return min(int(steps * strength), steps)
+
+
+@torch.no_grad()
+def sdedit(checkpoint: Path | dict, images, masks, *, strength: float, seed: int, steps: int | None = None,
+           sampler: str | None = None, batch_size: int | None = None,
+           device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """SDEdit (Meng et al. 2022): each image `(N, 1, R, R)` noised to `strength` of the trajectory and denoised
+    for its mask, which is kept; returns `(images, masks)`.
+
+    Only the last `sdedit_steps(steps, strength)` steps of the few-step sampler run. strength 0 returns the
+    images unchanged; the whole trajectory discards them and starts from the same noise as `sample`, so it
+    equals `sample` with the same seed. A joint DDPM (which would redraw the mask) is refused.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, kind=KIND)
+    x0, m = as_pairs((images, masks), "sdedit pairs")
+    check_resolution(ckpt, *m.shape[-2:])
+    if ckpt["config"].get("joint"):
+        raise ValueError(f"sdedit keeps the masks, but checkpoint {ckpt.get('path', '(in memory)')} is a joint "
+                         f"DDPM that denoises the mask too; use one trained with joint = false")
+    unet, config, _ = load(ckpt)
+    steps = steps or config.sample_steps
+    run = sdedit_steps(steps, strength)
+    if run == 0:
+        return x0.clone(), m
+    unet.to(device)
+    scheduler = few_step_scheduler(config, sampler)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for chunk, chunk_m in zip(x0.split(batch_size or config.sample_batch), m.split(batch_size or config.sample_batch)):
+        # 1. condition and noise, drawn as `sample` draws them  (B, 1, H, W)
+        _, cond = _x0_and_cond(chunk, chunk_m, False)
+        noise = torch.randn(chunk.shape, generator=gen).to(device)
+        cond = cond.to(device)
+        # 2. the trajectory's last `run` steps; diffusers' img2img convention for where they begin
+        scheduler.set_timesteps(steps)
+        start = (steps - run) * scheduler.order
+        timesteps = scheduler.timesteps[start:]
+        if start == 0:
+            x = noise  # the whole trajectory: x_T ~ N(0, I), as in `sample`
+        else:
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(start)
+            # 3. x(t0) ~ q(x_t0 | x_0), Meng et al. 2022 Alg. 1 (VP-SDE): sqrt(abar) x0 + sqrt(1 - abar) eps
+            x = scheduler.add_noise(chunk.to(device), noise, timesteps[:1].repeat(len(chunk)))
+        # 4. reverse process from t0 with the same solver
+        out.append(_reverse(unet, scheduler, x, cond, timesteps).cpu())
+    return torch.cat(out), m
 
 
 class _MaskConditioned(torch.nn.Module):

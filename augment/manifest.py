@@ -4,6 +4,11 @@ For fold f and class c a generator may learn from the images of fold f's trainin
 support pairs that the protocol gives for fold f, never from a query volume of fold f. Every entry that went
 into training is recorded as a `SliceRef` (volume id, slice index), so a manifest says exactly which volumes
 and slices a synthetic set depends on, and `check_no_leakage` raises if a query volume appears.
+
+A generator fine-tuned on another source's pairs (e.g. the learned transforms' warped supports) records,
+for each fine-tuning row, where it came from (`finetune_source`), and under `derived` every further slice
+those pairs were made from (the support slice warped, the appearance donor, the slices the transform model
+learned from): the leakage check covers them as well.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ class Provenance:
 
     `pretrain` and `finetune` are aligned with the rows of `pretrain_pairs` and `finetune_pairs`;
     `query_volumes` are the fold's query ids, checked at training time and again when a set is made.
+    `finetune_source` names the source of each `finetune` row ("support", or a pair source such as
+    "learned"; empty: all supports); `derived` lists the other slices the fine-tuning pairs were made from.
     """
     fold: int
     class_name: str | None = None
@@ -36,12 +43,14 @@ class Provenance:
     pretrain: tuple[SliceRef, ...] = ()
     finetune: tuple[SliceRef, ...] = ()
     query_volumes: tuple[str, ...] = ()
+    finetune_source: tuple[str, ...] = ()
+    derived: tuple[SliceRef, ...] = ()
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
     def volumes(self) -> set[str]:
         """Every volume id that contributed at least one slice."""
-        return {r.volume for r in self.pretrain + self.finetune}
+        return {r.volume for r in self.pretrain + self.finetune + self.derived}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,9 +58,10 @@ class Provenance:
     @staticmethod
     def from_dict(d: dict) -> "Provenance":
         d = dict(d)
-        for key in ("pretrain", "finetune"):
+        for key in ("pretrain", "finetune", "derived"):
             d[key] = tuple(SliceRef(str(r["volume"]), int(r["slice"])) for r in d.get(key, ()))
         d["query_volumes"] = tuple(d.get("query_volumes", ()))
+        d["finetune_source"] = tuple(d.get("finetune_source", ()))
         return Provenance(**d)
 
 
@@ -70,7 +80,7 @@ def check_no_leakage(provenance: Provenance | dict, query_volumes=None) -> None:
     queries = set(map(str, prov.query_volumes if query_volumes is None else query_volumes))
     leaked = sorted(prov.volumes() & queries)
     if leaked:
-        n = sum(r.volume in queries for r in prov.pretrain + prov.finetune)
+        n = sum(r.volume in queries for r in prov.pretrain + prov.finetune + prov.derived)
         raise LeakageError(f"fold {prov.fold}: {n} training slices come from query volumes {leaked}; "
                            f"a generator may use only the fold's training volumes and its support pairs")
 
@@ -82,6 +92,7 @@ def merge(base: Provenance, newer: Provenance) -> Provenance:
     return Provenance(fold=newer.fold, class_name=newer.class_name, setting=newer.setting,
                       pretrain=base.pretrain + base.finetune + newer.pretrain, finetune=newer.finetune,
                       query_volumes=tuple(sorted(set(base.query_volumes) | set(newer.query_volumes))),
+                      finetune_source=newer.finetune_source, derived=base.derived + newer.derived,
                       notes=newer.notes, extra=newer.extra)
 
 

@@ -15,6 +15,11 @@ fold, query_volumes, out_dir) -> Path`, and `make_set(checkpoint, *, support, su
 support_slices, volumes, labels, n, seed, fold, class_name, query_volumes, **pair_options) -> SyntheticSet`
 makes a class's pairs from its support slices. `labels` (the class's labels of the training volumes) is
 given only to a source marked `reads_labels`, which the experiment config allows only in diagnostic arms.
+
+A generator's per-class fine-tune learns from the class's supports alone, or (`finetune_on` in its config)
+also from a volume source's set (`Generator.finetune_source`). A refiner (`Refiner`, e.g. SDEdit) remakes
+the images of another source's set with a generator fine-tuned for the class: `make_set(checkpoint, pairs,
+*, seed, query_volumes, **options) -> SyntheticSet`, the masks kept.
 """
 from __future__ import annotations
 
@@ -23,10 +28,11 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from augment.config import DDPMConfig, GANConfig, LearnedConfig, OracleConfig
+from augment.config import FINETUNE_ON, DDPMConfig, GANConfig, LearnedConfig, OracleConfig, SDEditConfig
 
 CLASSICAL = "classical"  # the one source that learns nothing: support image and mask deformed together
 CHECKPOINT_FILE = "checkpoint.pt"  # a trained source's weights in its folder: the entry point callers name
+SUPPORTS = FINETUNE_ON[0]  # `finetune_on` of a generator fine-tuned on the class's real supports alone
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,16 @@ class Generator:
         """The keywords `sample` takes, from a config: what a synthesis stage reads of it."""
         return {keyword: getattr(config, field) for field, keyword in self.sampling}
 
+    def finetune_source(self, config) -> str | None:
+        """The volume source whose set of the class the fine-tune adds to the supports (None: supports alone)."""
+        return None if config.finetune_on == SUPPORTS else config.finetune_on
+
+    def finetune_config(self, config):
+        """What the per-class fine-tune reads: the finetune fields (`finetune_pairs` only when pairs are added)."""
+        keep = self.finetune_fields if self.finetune_source(config) else \
+            tuple(f for f in self.finetune_fields if f != "finetune_pairs")
+        return self.stage_config(config, keep=keep)
+
     def stage_config(self, config, *, keep: tuple[str, ...] = ()):
         """`config` with the finetune and sampling fields not in `keep` reset to their defaults: the part
         of it a stage reads (pretraining keeps none, the fine-tune keeps `finetune_fields`)."""
@@ -66,10 +82,12 @@ class Generator:
 
 
 GENERATORS: dict[str, Generator] = {
-    "ddpm": Generator("ddpm", DDPMConfig, "augment.ddpm", finetune_fields=("finetune_steps", "finetune_lr"),
+    "ddpm": Generator("ddpm", DDPMConfig, "augment.ddpm",
+                      finetune_fields=("finetune_steps", "finetune_lr", "finetune_on", "finetune_pairs"),
                       sampling=(("sampler", "sampler"), ("sample_steps", "steps"), ("sample_batch", "batch_size")),
                       sampler_field="sampler"),
-    "gan": Generator("gan", GANConfig, "augment.gan", finetune_fields=("finetune_steps", "finetune_lr_scale")),
+    "gan": Generator("gan", GANConfig, "augment.gan",
+                     finetune_fields=("finetune_steps", "finetune_lr_scale", "finetune_on", "finetune_pairs")),
 }
 
 
@@ -113,6 +131,54 @@ VOLUME_SOURCES: dict[str, VolumeSource] = {
     "oracle": VolumeSource("oracle", OracleConfig, "augment.oracle", trains=False, reads_labels=True,
                            needs_section=False),
 }
+
+
+@dataclass(frozen=True)
+class Refiner:
+    """A source that remakes the images of `pairs_from`'s set of a class with `model_from`'s generator fine-tuned
+    for that class, keeping the masks (see the module docstring). An arm using it needs [generators.NAME]
+    sections for itself and for both inputs; `fields` are the config fields `make_set` reads."""
+
+    name: str
+    config: type  # a frozen dataclass with resolution, seed and cpu fields
+    module: str  # imported on first use
+    pairs_from: str  # a volume source
+    model_from: str  # a generator
+    fields: tuple[str, ...] = ()
+
+    def make_set(self, checkpoint: Path, pairs, **kwargs):
+        return importlib.import_module(self.module).make_set(checkpoint, pairs, **kwargs)
+
+    def options(self, config) -> dict:
+        """The keywords of `make_set` that come from the config."""
+        return {f: getattr(config, f) for f in self.fields}
+
+    def check_model(self, config) -> None:
+        """A refiner keeps the masks, so its generator must condition on them rather than redraw them."""
+        if getattr(config, "joint", False):
+            raise ValueError(f"{self.name} keeps the masks, but {self.model_from} joint = true redraws them; "
+                             f"set joint = false")
+
+
+REFINERS: dict[str, Refiner] = {
+    "sdedit": Refiner("sdedit", SDEditConfig, "augment.sdedit", pairs_from="learned", model_from="ddpm",
+                      fields=("strength",)),
+}
+
+
+def refiner(name: str) -> Refiner:
+    """The registered refiner `name`; the error lists the known ones."""
+    if name not in REFINERS:
+        raise KeyError(f"unknown refiner {name!r}; registered: {sorted(REFINERS)}")
+    return REFINERS[name]
+
+
+def source_config(name: str) -> type:
+    """The config class of any learned source: a generator, a volume source or a refiner."""
+    for table in (GENERATORS, VOLUME_SOURCES, REFINERS):
+        if name in table:
+            return table[name].config
+    raise KeyError(f"unknown source {name!r}; registered: {sorted(GENERATORS | VOLUME_SOURCES | REFINERS)}")
 
 
 def volume_source(name: str) -> VolumeSource:

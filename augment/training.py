@@ -92,6 +92,9 @@ def prepare_training_data(pretrain_pairs, finetune_pairs, provenance: Provenance
         if n != len(recorded):
             raise PairError(f"provenance.{name} lists {len(recorded)} slices but {name}_pairs holds {n} pairs; "
                             f"the manifest must say exactly which slices went in")
+    if provenance.finetune_source and len(provenance.finetune_source) != len(provenance.finetune):
+        raise PairError(f"provenance.finetune_source names {len(provenance.finetune_source)} sources for "
+                        f"{len(provenance.finetune)} finetune slices; give one per row (or none: all supports)")
     if init is not None:
         provenance = merge(Provenance.from_dict(init["provenance"]), provenance)
     check_no_leakage(provenance)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from augment.registry import CLASSICAL, GENERATORS, VOLUME_SOURCES  # torch-free: the models load only to train or sample
+from augment.registry import CLASSICAL, GENERATORS, REFINERS, VOLUME_SOURCES  # torch-free: the models load only to train or sample
 from segment.config import MODELS, PROTOCOLS, RESOLUTIONS, SETTINGS  # torch-free: loading a config imports no torch
 ROLES = ("baseline", "control", "augmented", "diagnostic")  # what an arm is for in the tests; its name is a label
 
@@ -305,6 +305,7 @@ def parse(raw: dict, *, source: str = "config") -> ExperimentConfig:
     _check_phantom_keys(raw["data"])
     generators = raw.get("generators", {})
     _check_stage_sections(raw, source)
+    _check_source_inputs(generators, source)
     arms = tuple(build(Arm, a, f"arms.{a.get('name', i)}") for i, a in enumerate(raw.get("arms", [{"name": "real-only"}])))
     _check_arms(arms, generators, source)
     arms = infer_roles(arms, source)
@@ -348,7 +349,7 @@ def _check_stage_sections(raw: dict, source: str) -> None:
     """[segment] and [generators.NAME] against the stages' own config dataclasses."""
     from segment.config import SegmenterConfig
 
-    kinds = {name: gen.config for name, gen in (GENERATORS | VOLUME_SOURCES).items()}
+    kinds = {name: gen.config for name, gen in (GENERATORS | VOLUME_SOURCES | REFINERS).items()}
     runner_owned = {"model", "resolution", "seed", "cpu"}  # set per stage run from [data], [protocol], [run]
     sections = [("segment", SegmenterConfig, raw.get("segment", {}))]
     for name, table in raw.get("generators", {}).items():
@@ -361,6 +362,31 @@ def _check_stage_sections(raw: dict, source: str) -> None:
             raise ConfigError(f"{source}: [{section}] {owned} are set by the runner from [data], [protocol] "
                               f"and [run]; remove them")
         build(cls, table, section)
+
+
+def _check_source_inputs(generators: dict, source: str) -> None:
+    """A source that learns from another's pairs or model needs that one's [generators.NAME] section: a
+    generator whose `finetune_on` names a pair source, and a refiner (its pair source and its generator)."""
+    for name, table in generators.items():
+        where = f"generators.{name}"
+        needs: list[tuple[str, str]] = []
+        if name in GENERATORS:
+            added = GENERATORS[name].finetune_source(build(GENERATORS[name].config, table, where))
+            needs = [(f"finetune_on = {added!r}", added)] if added else []
+        elif name in REFINERS:
+            ref = REFINERS[name]
+            needs = [(f"it refines {ref.pairs_from!r} pairs", ref.pairs_from),
+                     (f"it denoises with the {ref.model_from!r} generator", ref.model_from)]
+        for why, other in needs:
+            if other not in generators:
+                raise ConfigError(f"{source}: [{where}] {why}, but there is no [generators.{other}] section; "
+                                  f"add one (it may be empty)")
+        if name in REFINERS:
+            try:
+                REFINERS[name].check_model(build(GENERATORS[ref.model_from].config, generators[ref.model_from],
+                                                 f"generators.{ref.model_from}"))
+            except ValueError as err:
+                raise ConfigError(f"{source}: [{where}] {err}") from None
 
 
 def infer_roles(arms: tuple[Arm, ...], source: str = "config") -> tuple[Arm, ...]:

@@ -14,7 +14,7 @@ from pipelines.stages.evaluate import EvalRef, Evaluate
 from pipelines.stages.generators import GeneratorFinetune, GeneratorPretrain, SourceTrain, Superpixels
 from pipelines.stages.report import Report
 from pipelines.stages.segmenters import Finetune, Segmenter
-from pipelines.stages.synthesis import Quality, Synthesis
+from pipelines.stages.synthesis import Quality, Refine, Synthesis
 from segment.config import SegmenterConfig, SuperpixelParams
 from segment.data.protocol import Fold
 from segment.data.slices import PreparedData
@@ -28,7 +28,10 @@ SAMPLES: list[Stage] = [
     Superpixels(data=DATA, params=SuperpixelParams(), cache_dir="c"),
     GeneratorPretrain(generator="ddpm", config=DDPMConfig(), excluded=(1, 2), setting=1, superpixels=ENTRY,
                       superpixel_params=SuperpixelParams(), cache_dir="c", **COMMON),
-    GeneratorFinetune(generator="ddpm", config=DDPMConfig(), pretrain=ENTRY, class_name="liver", setting=1, **COMMON),
+    GeneratorFinetune(generator="ddpm", config=DDPMConfig(), pretrain=ENTRY, class_name="liver", setting=1, pairs=ENTRY,
+                      **COMMON),
+    Refine(source="sdedit", class_name="liver", seed=0, fold=FOLD, pairs=ENTRY, generator=ENTRY,
+           options={"strength": 0.5, "steps": 2}),
     Synthesis(source="ddpm", class_name="liver", n=4, seed=0, deform=DeformConfig(), generator=ENTRY,
               sampling={"steps": 2}, **COMMON),
     Quality(source="ddpm", class_name="liver", seed=0, synthesis=ENTRY, base=ENTRY, **COMMON),

@@ -3,7 +3,7 @@
 - `base`: `Stage` (a frozen dataclass whose key is derived from its fields), `StageEntry`, `StageRunner`;
 - `inputs`: support pairs, exclusion sets and synthetic pairs, read by several stages;
 - `generators`: `Superpixels`, `GeneratorPretrain`, `GeneratorFinetune` (generators from `augment.registry`);
-- `synthesis`: `Synthesis`, `Quality`;
+- `synthesis`: `Synthesis`, `Refine` (another source's pairs remade, e.g. SDEdit), `Quality`;
 - `segmenters`: `Segmenter`, `Finetune`;
 - `evaluate`: `Evaluate`;
 - `report`: `Report`, the run's commit and device;

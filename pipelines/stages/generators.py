@@ -1,5 +1,5 @@
 """Generator stages: superpixels of every slice, a generator pretrained per fold on the unlabelled pool,
-then fine-tuned per class on the fold's support pairs, and a volume source's model trained per fold on the
+then fine-tuned per class on the fold's support pairs (with a volume source's pairs if its config says so), and a volume source's model trained per fold on the
 images of the fold's training volumes. Both come from `augment.registry`."""
 
 from __future__ import annotations
@@ -99,10 +99,11 @@ class GeneratorPretrain(Stage):
 
 @dataclass(frozen=True, kw_only=True)
 class GeneratorFinetune(Stage):
-    """The fold's pretrained generator fine-tuned on one class's support pairs."""
+    """The fold's pretrained generator fine-tuned on one class's support pairs, plus the pairs of `pairs` (a
+    volume source's synthesis entry of this fold, seed and class) when its config's `finetune_on` names one."""
 
     name: ClassVar[str] = "generator"
-    version: ClassVar[str] = "3"
+    version: ClassVar[str] = "4"
     generator: str
     config: Any  # with the fine-tune fields, without the sampling ones
     pretrain: StageEntry
@@ -110,16 +111,20 @@ class GeneratorFinetune(Stage):
     fold: Fold
     class_name: str
     setting: int
+    pairs: StageEntry | None = None  # the set added to the supports (None: the supports alone)
 
     @property
     def label(self) -> str:
         return f"{self.generator} fold{self.fold.index} s{self.config.seed} {self.class_name}"
 
     def produce(self, folder: Path) -> None:
+        from augment.finetune_pairs import finetune_pairs
+        from augment.synthesis import load_set
         images, masks, idx = support_pairs(self.data, self.fold, self.class_name)
-        prov = Provenance(fold=self.fold.index, class_name=self.class_name, setting=self.setting,
-                          finetune=refs(self.fold.support, idx), query_volumes=self.fold.queries)
-        generator(self.generator).train(self.config, finetune_pairs=(images, masks), provenance=prov,
+        added = None if self.pairs is None else load_set(self.pairs.path / "set")
+        pairs, prov = finetune_pairs((images, masks, refs(self.fold.support, idx)), added, fold=self.fold.index,
+                                     class_name=self.class_name, setting=self.setting, query_volumes=self.fold.queries)
+        generator(self.generator).train(self.config, finetune_pairs=pairs, provenance=prov,  # (S [+ N], 1, R, R)
                                         out_dir=folder, init_checkpoint=self.pretrain.path / CHECKPOINT_FILE)
 
 

@@ -1,4 +1,5 @@
-"""Synthesis and quality stages: `n` synthetic pairs of a class from one source, and how good they are."""
+"""Synthesis and quality stages: `n` synthetic pairs of a class from one source (or another source's pairs
+refined, e.g. by SDEdit), and how good they are."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, ClassVar
 
 from augment.manifest import refs
 from augment.config import DeformConfig
-from augment.registry import CHECKPOINT_FILE, CLASSICAL, VOLUME_SOURCES, volume_source
+from augment.registry import CHECKPOINT_FILE, CLASSICAL, VOLUME_SOURCES, refiner, volume_source
 from pipelines.stages.base import Stage, StageEntry
 from pipelines.stages.inputs import support_pairs
 from segment.data.protocol import Fold
@@ -71,6 +72,33 @@ class Synthesis(Stage):
                                 **self.sampling)
         except PairError as err:
             raise DataError(str(err)) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Refine(Stage):
+    """A refiner's set of a class (`augment.registry.Refiner`, e.g. SDEdit): the pairs of `pairs` (the
+    refiner's input source's synthesis entry) with each image remade by the class's fine-tuned `generator`,
+    the masks kept; `options` holds the refiner's config fields and the generator's sampling keywords."""
+
+    name: ClassVar[str] = "refine"
+    version: ClassVar[str] = "1"
+    source: str
+    class_name: str
+    seed: int
+    fold: Fold
+    pairs: StageEntry
+    generator: StageEntry
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.source} fold{self.fold.index} s{self.seed} {self.class_name}"
+
+    def produce(self, folder: Path) -> None:
+        from augment.synthesis import load_set, save_set
+        syn = refiner(self.source).make_set(self.generator.path / CHECKPOINT_FILE, load_set(self.pairs.path / "set"),
+                                            seed=self.seed, query_volumes=self.fold.queries, **self.options)
+        save_set(syn, folder / "set")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,7 @@
 This is the one module that reads an `ExperimentConfig`; each stage receives only its own fields.
 
 Honesty rules the plan keeps: a generator learns from the fold's training volumes (superpixel masks,
-no labels) and the fold's support pairs only; every synthetic set's manifest is checked against the
+no labels) and the fold's support pairs only (or pairs made from both: the learned source's warped supports); every synthetic set's manifest is checked against the
 fold's query volumes before use; segmenters never see a test-class label; every arm of a (fold, seed)
 unit is fine-tuned for the same number of steps, from the same base model, on the same real supports,
 and scored on the same query volumes.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from augment.manifest import validate_manifest
-from augment.registry import CLASSICAL, VOLUME_SOURCES, generator, volume_source
+from augment.registry import CLASSICAL, REFINERS, VOLUME_SOURCES, generator, refiner, source_config, volume_source
 from pipelines.config import ExperimentConfig, as_dict
 from pipelines.stages.base import StageEntry, StageRunner
 from pipelines.stages.evaluate import EvalRef, Evaluate
@@ -24,7 +24,7 @@ from pipelines.stages.generators import GeneratorFinetune, GeneratorPretrain, So
 from pipelines.stages.inputs import exclusion_sets
 from pipelines.stages.report import Report, provenance
 from pipelines.stages.segmenters import Finetune, Segmenter
-from pipelines.stages.synthesis import Quality, Synthesis
+from pipelines.stages.synthesis import Quality, Refine, Synthesis
 from segment.config import SegmenterConfig, SuperpixelParams
 from segment.data.protocol import Fold, make_folds
 from segment.data.slices import PreparedData
@@ -47,9 +47,9 @@ def segmenter_config(cfg: ExperimentConfig, model: str, seed: int) -> SegmenterC
 
 
 def generator_config(cfg: ExperimentConfig, name: str, seed: int):
-    """A generator's or volume source's config: its [generators.NAME] section (if any) plus the runner's fields."""
-    cls = volume_source(name).config if name in VOLUME_SOURCES else generator(name).config
-    return cls(**{**cfg.generators.get(name, {}), "resolution": cfg.data.resolution, "seed": seed, "cpu": cfg.run.cpu})
+    """A source's config: its [generators.NAME] section (if any) plus the runner's fields."""
+    return source_config(name)(**{**cfg.generators.get(name, {}), "resolution": cfg.data.resolution, "seed": seed,
+                                  "cpu": cfg.run.cpu})
 
 
 def superpixel_stage(cfg: ExperimentConfig, data: PreparedData) -> Superpixels:
@@ -58,24 +58,44 @@ def superpixel_stage(cfg: ExperimentConfig, data: PreparedData) -> Superpixels:
     return Superpixels(data=data, params=params, cache_dir=cfg.run.cache)
 
 
-def _synthesis(cfg, data, fold, seed, source, c, excluded, sp: Superpixels, sp_entry, runner) -> StageEntry:
-    """A class's synthetic set from one source (a generator pretrained and fine-tuned first where it needs one)."""
+def _generator(cfg, data, fold, seed, name, c, excluded, sp: Superpixels, sp_entry, runner
+               ) -> tuple[StageEntry, dict]:
+    """Generator `name` pretrained for the fold and fine-tuned for class `c` (on the supports, plus the set of
+    the source its `finetune_on` names); its entry and sampling keywords."""
+    gen, config = generator(name), generator_config(cfg, name, seed)
+    pre = runner(GeneratorPretrain(generator=name, config=gen.stage_config(config), data=data, fold=fold,
+                                   excluded=excluded, setting=cfg.protocol.setting, superpixels=sp_entry,
+                                   superpixel_params=sp.params, cache_dir=cfg.run.cache))
+    added = gen.finetune_source(config)
+    pairs = None if added is None else _synthesis(cfg, data, fold, seed, added, c, excluded, sp, sp_entry, runner,
+                                                   n=config.finetune_pairs)
+    entry = runner(GeneratorFinetune(generator=name, config=gen.finetune_config(config), pretrain=pre, data=data,
+                                     fold=fold, class_name=c, setting=cfg.protocol.setting, pairs=pairs))
+    return entry, gen.sampling_options(config)
+
+
+def _synthesis(cfg, data, fold, seed, source, c, excluded, sp: Superpixels, sp_entry, runner, *,
+               n: int | None = None) -> StageEntry:
+    """A class's synthetic set of `n` pairs (default: [synthesis] n_pairs) from one source, with the models
+    and input sets it needs made first."""
+    n = cfg.synthesis.n_pairs if n is None else n
     gen_entry, sampling = None, {}
+    if source in REFINERS:
+        ref, config = refiner(source), generator_config(cfg, source, seed)
+        pairs = _synthesis(cfg, data, fold, seed, ref.pairs_from, c, excluded, sp, sp_entry, runner, n=n)
+        model, sampling = _generator(cfg, data, fold, seed, ref.model_from, c, excluded, sp, sp_entry, runner)
+        entry = runner(Refine(source=source, class_name=c, seed=seed, fold=fold, pairs=pairs, generator=model,
+                              options={**ref.options(config), **sampling}))
+        validate_manifest(json.loads((entry.path / "set" / "manifest.json").read_text()), fold.queries)
+        return entry
     if source in VOLUME_SOURCES:
         src, config = volume_source(source), generator_config(cfg, source, seed)
         if src.trains:
             gen_entry = runner(SourceTrain(source=source, config=src.train_config(config), data=data, fold=fold))
         sampling = src.pair_options(config)
     elif source != CLASSICAL:
-        gen, config = generator(source), generator_config(cfg, source, seed)
-        pre = runner(GeneratorPretrain(generator=source, config=gen.stage_config(config), data=data, fold=fold,
-                                       excluded=excluded, setting=cfg.protocol.setting, superpixels=sp_entry,
-                                       superpixel_params=sp.params, cache_dir=cfg.run.cache))
-        gen_entry = runner(GeneratorFinetune(generator=source, config=gen.stage_config(config, keep=gen.finetune_fields),
-                                             pretrain=pre, data=data, fold=fold, class_name=c,
-                                             setting=cfg.protocol.setting))
-        sampling = gen.sampling_options(config)
-    entry = runner(Synthesis(source=source, class_name=c, n=cfg.synthesis.n_pairs, seed=seed, data=data, fold=fold,
+        gen_entry, sampling = _generator(cfg, data, fold, seed, source, c, excluded, sp, sp_entry, runner)
+    entry = runner(Synthesis(source=source, class_name=c, n=n, seed=seed, data=data, fold=fold,
                              generator=gen_entry, sampling=sampling))
     validate_manifest(json.loads((entry.path / "set" / "manifest.json").read_text()), fold.queries)  # on the cache
     return entry

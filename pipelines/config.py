@@ -366,7 +366,8 @@ def _check_stage_sections(raw: dict, source: str) -> None:
 
 def _check_source_inputs(generators: dict, source: str) -> None:
     """A source that learns from another's pairs or model needs that one's [generators.NAME] section: a
-    generator whose `finetune_on` names a pair source, and a refiner (its pair source and its generator)."""
+    generator whose `finetune_on` names a pair source, and a refiner (its pair source and its generator,
+    which must keep the masks)."""
     for name, table in generators.items():
         where = f"generators.{name}"
         needs: list[tuple[str, str]] = []
@@ -382,11 +383,17 @@ def _check_source_inputs(generators: dict, source: str) -> None:
                 raise ConfigError(f"{source}: [{where}] {why}, but there is no [generators.{other}] section; "
                                   f"add one (it may be empty)")
         if name in REFINERS:
-            try:
-                REFINERS[name].check_model(build(GENERATORS[ref.model_from].config, generators[ref.model_from],
-                                                 f"generators.{ref.model_from}"))
-            except ValueError as err:
-                raise ConfigError(f"{source}: [{where}] {err}") from None
+            _check_refiner_model(name, generators, source)
+
+
+def _check_refiner_model(name: str, generators: dict, source: str) -> None:
+    """A refiner's generator, as its section configures it, must suit the refiner (e.g. keep the masks)."""
+    ref = REFINERS[name]
+    model = build(GENERATORS[ref.model_from].config, generators[ref.model_from], f"generators.{ref.model_from}")
+    try:
+        ref.check_model(model)
+    except ValueError as err:
+        raise ConfigError(f"{source}: [generators.{name}] {err}") from None
 
 
 def infer_roles(arms: tuple[Arm, ...], source: str = "config") -> tuple[Arm, ...]:

@@ -110,6 +110,12 @@ def test_finetune_on_names_the_supports_or_a_volume_source_that_reads_no_label()
         assert gen.finetune_source(config) is None
         assert gen.finetune_source(dataclasses.replace(config, finetune_on="learned")) == "learned"
         assert {"finetune_on", "finetune_pairs"} <= set(gen.finetune_fields)  # never re-run the pretraining
+        # the fine-tune reads finetune_pairs only when it adds pairs: on the supports alone it changes nothing
+        more = dataclasses.replace(config, finetune_pairs=8)
+        assert gen.finetune_config(more) == gen.finetune_config(config)
+        learned = dataclasses.replace(config, finetune_on="learned")
+        assert gen.finetune_config(dataclasses.replace(learned, finetune_pairs=8)) != gen.finetune_config(learned)
+        assert gen.stage_config(learned) == gen.stage_config(config)  # the pretraining reads neither
         with pytest.raises(ValueError, match=rf"finetune_on='oracle'; valid: \['supports', 'learned'\]"):
             dataclasses.replace(config, finetune_on="oracle")
         with pytest.raises(ValueError, match=r"finetune_pairs must be >= 1"):
@@ -128,8 +134,8 @@ def test_finetune_pairs_are_the_supports_then_the_set_with_each_row_s_source(dat
     alone, prov_alone = finetune_pairs(support(data), None, fold=0, class_name="liver", setting=1,
                                        query_volumes=QUERIES)
     assert alone[0].shape[0] == 3 and prov_alone.finetune_source == () and prov_alone.derived == ()
-    assert set_slices(learned_set(data).manifest) == tuple(dict.fromkeys(
-        refs("2", range(3)) + tuple(r for k in range(4) for r in (SliceRef("5", k), SliceRef("6", k))) + refs("7", [0, 1])))
+    targets_and_donors = tuple(r for k in range(4) for r in (SliceRef("5", k), SliceRef("6", k)))
+    assert set_slices(learned_set(data).manifest) == refs("2", range(3)) + targets_and_donors + refs("7", [0, 1])
 
 
 def test_a_set_of_another_class_or_with_a_query_volume_is_refused(data):

@@ -1,6 +1,7 @@
 """Generator stages: superpixels of every slice, a generator pretrained per fold on the unlabelled pool,
-then fine-tuned per class on the fold's support pairs (with a volume source's pairs if its config says so), and a volume source's model trained per fold on the
-images of the fold's training volumes. Both come from `augment.registry`."""
+then fine-tuned per class on the fold's support pairs (plus a volume source's pairs if its config says so),
+and a volume source's model trained per fold on the images of the fold's training volumes. Both come from
+`augment.registry`."""
 
 from __future__ import annotations
 

@@ -59,9 +59,10 @@ def make_set(checkpoint: Path | None, *, support: tuple[torch.Tensor, torch.Tens
              min_area_ratio: float, max_area_ratio: float, min_fragment_px: int, appearance: bool) -> SyntheticSet:
     """`n` pairs of a class: its support slices `(S, 1, R, R)` warped onto the unlabelled `volumes`.
 
-    `labels` must be None: this source never reads a label of the training volumes. A bad pair (a
-    resolution the model was not trained at, a support all of whose warps fail the checks, e.g. a mask
-    empty after warping) raises `PairError` in one line naming the pair.
+    `labels` must be None: this source never reads a label of the training volumes. A support all of whose
+    warps fail the checks (e.g. a mask empty after warping) gives no pair and is listed in the manifest's
+    checks; a resolution the model was not trained at, or no support with a passing warp, raises `PairError`
+    in one line naming the pairs.
     """
     if labels is not None:
         raise PairError("the learned source reads no label of the training volumes; pass labels=None")
@@ -92,6 +93,7 @@ def make_set(checkpoint: Path | None, *, support: tuple[torch.Tensor, torch.Tens
     manifest["dropped_fragments"] = [0] * len(refs_)
     manifest["checks"] = {"thresholds": info["checks"], "appearance": appearance, "n_candidates": info["n_candidates"],
                           "n_passed": info["n_passed"], "share_passed": info["share_passed"],
-                          "dropped": info["n_candidates"] - info["n_passed"], "candidates": info["candidates"]}
+                          "dropped": info["n_candidates"] - info["n_passed"],
+                          "supports_without_pairs": info["supports_without_pairs"], "candidates": info["candidates"]}
     manifest["pairs"] = info["pairs"]
     return SyntheticSet(out_i.float(), out_m.float(), _jsonable(manifest))

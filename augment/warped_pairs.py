@@ -167,16 +167,18 @@ def select_pairs(candidates: list[list[dict]], volumes: Mapping[str, torch.Tenso
     rng = np.random.default_rng(seed)
     passing = [[r for r in rows if r["problem"] is None] for rows in candidates]
     failed = [s for s, p in enumerate(passing) if not p]
-    if failed:
+    if len(failed) == len(candidates):
         reasons = "; ".join(f"support {r['support']} -> volume {r['volume']!r} slice {r['slice']}: {r['problem']}"
                             for s in failed for r in candidates[s])
         raise PairError(f"support(s) {failed}: every candidate pair failed the checks ({reasons})")
-    # 2. n pairs cycling over the supports, distinct targets first
-    order = [list(rng.permutation(len(p))) for p in passing]
+    # 2. n pairs cycling over the supports with a passing candidate, distinct targets first; a support
+    # none of whose warps passes (e.g. an organ's tip that vanishes when warped) gives no pair
+    used = [s for s in range(len(candidates)) if s not in failed]
+    order = {s: list(rng.permutation(len(passing[s]))) for s in used}
     out_i, out_m, pairs = [], [], []
     for k in range(n):
-        s = k % len(candidates)
-        row = passing[s][order[s][(k // len(candidates)) % len(passing[s])]]
+        s = used[k % len(used)]
+        row = passing[s][order[s][(k // len(used)) % len(passing[s])]]
         image, donor = row["image"], None
         # 3. another subject's appearance: a passing target of the same support, other than this one
         if appearance is not None:
@@ -191,7 +193,7 @@ def select_pairs(candidates: list[list[dict]], volumes: Mapping[str, torch.Tenso
     n_cand = sum(len(rows) for rows in candidates)
     n_pass = sum(len(p) for p in passing)
     info = {"checks": asdict(checks), "n_candidates": n_cand, "n_passed": n_pass, "share_passed": n_pass / n_cand,
-            "pairs": pairs, "candidates": [_public(r) for rows in candidates for r in rows]}
+            "supports_without_pairs": failed, "pairs": pairs, "candidates": [_public(r) for rows in candidates for r in rows]}
     return torch.stack(out_i)[:, None], torch.stack(out_m)[:, None], info
 
 

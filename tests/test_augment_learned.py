@@ -143,6 +143,21 @@ def test_support_empty_after_warp_fails_in_one_line_naming_the_pair():
     assert "\n" not in str(err.value)
 
 
+def test_a_support_whose_warps_all_fail_gives_no_pair_while_the_others_do():
+    """CHAOS fold 3: the liver's lowest support slice (a thin tip) vanished under every warp, and the whole
+    set, with the two good supports, was refused."""
+    kept, lost = _square_mask(10, 12), _square_mask(0, 0, size=4)  # a corner speck the warp moves out of view
+    model = FixedRegistration(_translation(0, 6))
+    vols = {"a": np.zeros((4, RES, RES), np.float32), "b": np.zeros((4, RES, RES), np.float32)}
+    masks_in = torch.stack([kept, lost])[:, None]
+    images, masks, info = learned_pairs(masks_in, masks_in, vols, model, None, 4, 0)
+    assert info["supports_without_pairs"] == [1]
+    assert [p["support"] for p in info["pairs"]] == [0, 0, 0, 0]
+    assert all(torch.equal(m[0], _square_mask(10, 6)) for m in masks)  # the kept support, translated
+    with pytest.raises(PairError, match=r"support\(s\) \[0\]: every candidate pair failed"):
+        learned_pairs(lost[None, None], lost[None, None], vols, model, None, 4, 0)  # no support left: refused
+
+
 def test_support_at_another_resolution_fails_naming_it():
     model = FixedRegistration(_translation(0, 0))
     mask = torch.zeros(1, 1, 64, 64)

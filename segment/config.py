@@ -38,8 +38,11 @@ class SegmenterConfig:
     mix_superpixel: float = 1.0  # episode mix weights
     mix_supervised: float = 0.0
     mix_pairs: float = 0.5  # used only when extra pairs are given
-    bg_weight: float = 0.1  # cross-entropy weight of background (ALPNet)
+    bg_weight: float = 0.1  # prototype model: cross-entropy weight of background (ALPNet)
     align_weight: float = 1.0  # PANet prototype-alignment loss (prototype model)
+    # conditional model: cross-entropy weight of background and weight of a soft Dice term (`loss_weights`)
+    conditional_bg_weight: float = 0.1
+    conditional_dice_weight: float = 0.0
     augment: bool = True
     superpixel_scale: float = 100.0
     spatial_gates: bool = False  # conditional model: positional sSE from the support (Roy et al.)
@@ -64,9 +67,26 @@ class SegmenterConfig:
             raise ValueError(f"SegmenterConfig.warmup must be >= 0, got {self.warmup}")
         if self.lr <= 0:
             raise ValueError(f"SegmenterConfig.lr must be > 0, got {self.lr}")
+        for name in ("bg_weight", "conditional_bg_weight"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SegmenterConfig.{name} must be > 0, got {getattr(self, name)}")
+        if not self.conditional_dice_weight >= 0:
+            raise ValueError(f"SegmenterConfig.conditional_dice_weight must be >= 0, got {self.conditional_dice_weight}")
         if min(self.mix_superpixel, self.mix_supervised, self.mix_pairs) < 0:
             raise ValueError("SegmenterConfig mix weights must be >= 0, got "
                              f"{(self.mix_superpixel, self.mix_supervised, self.mix_pairs)}")
+
+    def loss_weights(self) -> tuple[float, float]:
+        """(background cross-entropy weight, soft Dice weight) of this config's model.
+
+        The prototype net keeps ALPNet's down-weighted background. The conditional net scores pixels
+        with a free classifier, so a background weight w < 1 moves its 0.5 decision to a true
+        foreground probability of w / (1 + w) (0.09 at 0.1): it over-segments. Its own pair of
+        weights lets it train on unweighted cross-entropy plus soft Dice (Roy et al., MedIA 2020).
+        """
+        if self.model == "prototype":
+            return self.bg_weight, 0.0
+        return self.conditional_bg_weight, self.conditional_dice_weight
 
     @classmethod
     def from_dict(cls, raw: dict) -> SegmenterConfig:

@@ -83,13 +83,29 @@ def learning_rate(config: SegmenterConfig, step: int, steps: int, lr: float) -> 
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice of the foreground, per query image, averaged (Milletari et al. 2016, V-Net eq. 1).
+
+    logits (N, 2, H, W), target (N, H, W) in {0, 1}; `smooth` keeps an empty mask's loss finite.
+    """
+    fg = F.softmax(logits, dim=1)[:, 1]  # (N, H, W)
+    inter = (fg * target).sum(dim=(1, 2))
+    dice = (2 * inter + smooth) / (fg.sum(dim=(1, 2)) + target.sum(dim=(1, 2)) + smooth)  # (N,)
+    return 1 - dice.mean()
+
+
 def episode_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], config: SegmenterConfig) -> torch.Tensor:
-    """Weighted cross-entropy on the queries plus the model's auxiliary (alignment) loss."""
+    """Weighted cross-entropy on the queries, plus soft Dice and the model's auxiliary (alignment) loss
+    with the weights of `config.loss_weights()` and `config.align_weight`."""
     support_images, support_masks, query_images, query_masks = batch
     logits, aux = model(support_images, support_masks, query_images)  # (B, Q, 2, H, W)
-    weight = torch.tensor([config.bg_weight, 1.0], device=logits.device)
-    ce = F.cross_entropy(logits.flatten(0, 1), query_masks.flatten(0, 1)[:, 0].round().long(), weight=weight)
-    return ce + config.align_weight * aux
+    bg_weight, dice_weight = config.loss_weights()
+    target = query_masks.flatten(0, 1)[:, 0].round().long()  # (B * Q, H, W)
+    weight = torch.tensor([bg_weight, 1.0], device=logits.device)
+    loss = F.cross_entropy(logits.flatten(0, 1), target, weight=weight)
+    if dice_weight > 0:
+        loss = loss + dice_weight * soft_dice_loss(logits.flatten(0, 1), target.float())
+    return loss + config.align_weight * aux
 
 
 def _fit(model: torch.nn.Module, sampler, config: SegmenterConfig, out_dir: Path, *, steps: int, lr: float,

@@ -47,6 +47,7 @@ class SegmenterConfig:
     superpixel_scale: float = 100.0
     spatial_gates: bool = False  # conditional model: positional sSE from the support (Roy et al.)
     similarity_gates: bool = True  # conditional model: support-query similarity gate at every block
+    similarity_head: bool = False  # conditional model: last block's support-query similarity in the foreground logit
     neighbour_span: int = 2  # superpixel episodes: query slice up to this many slices from the support (0: same)
     neighbour_min_iou: float = 0.3  # weaker cross-slice links fall back to the support's own slice
     checkpoint_every: int = 100

@@ -44,7 +44,8 @@ def build_model(config: SegmenterConfig) -> torch.nn.Module:
     return ConditionalNet(config=ConditionalConfig(resolution=config.resolution, width=config.width,
                                                    cond_width=max(4, config.width // 2), levels=config.depth + 1,
                                                    norm=config.norm, spatial_gates=config.spatial_gates,
-                                                   similarity_gates=config.similarity_gates))
+                                                   similarity_gates=config.similarity_gates,
+                                                   similarity_head=config.similarity_head))
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -54,6 +55,15 @@ def read_checkpoint(path: Path) -> dict:
     if not isinstance(state, dict) or "config" not in state or "state_dict" not in state:
         raise CheckpointError(f"{path} is not a segmenter checkpoint: expected keys 'config' and 'state_dict'")
     return state
+
+
+def checkpoint_config(raw: dict) -> SegmenterConfig:
+    """The config a checkpoint was trained with. A field added since it was written takes the value that
+    reproduces the model it holds, not today's default: no similarity head, and the conditional net's
+    loss weights as the shared `bg_weight` without Dice (before issue 13)."""
+    before = {"similarity_head": False, "conditional_bg_weight": raw.get("bg_weight", 0.1),
+              "conditional_dice_weight": 0.0}
+    return SegmenterConfig.from_dict({**{k: v for k, v in before.items() if k not in raw}, **raw})
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, config: SegmenterConfig, **extra) -> None:
@@ -70,7 +80,7 @@ def load(checkpoint: str | Path) -> torch.nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"segmenter checkpoint {path} does not exist")
     state = read_checkpoint(path)
-    model = build_model(SegmenterConfig.from_dict(state["config"]))
+    model = build_model(checkpoint_config(state["config"]))
     model.load_state_dict(state["state_dict"])
     return model.eval()
 
@@ -169,7 +179,7 @@ def _check_resumable(out_dir: Path, config: SegmenterConfig) -> None:
     for name in ("model.pt", "last.pt"):
         path = out_dir / name
         if path.is_file():
-            saved = asdict(SegmenterConfig.from_dict(read_checkpoint(path)["config"]))
+            saved = asdict(checkpoint_config(read_checkpoint(path)["config"]))
             if saved != asdict(config):  # compared with defaults filled in, so older checkpoints still match
                 diff = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v}
                 raise ValueError(f"{path} was written by another config (saved vs now: {diff}); "
@@ -276,7 +286,7 @@ def finetune(checkpoint: str | Path, images: torch.Tensor, masks: torch.Tensor, 
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"segmenter checkpoint {checkpoint} does not exist")
     state = read_checkpoint(Path(checkpoint))
-    base = SegmenterConfig.from_dict(state["config"])
+    base = checkpoint_config(state["config"])
     config = SegmenterConfig.from_dict({**asdict(base), "steps": steps, "lr": lr or base.lr / 5,
                                         "seed": base.seed if seed is None else seed, "batch": batch or base.batch,
                                         "warmup": min(base.warmup, max(1, steps // 10)),

@@ -86,3 +86,56 @@ def test_a_background_weight_below_one_makes_a_free_classifier_over_segment():
 def test_bad_loss_weights_name_the_key_and_value(key, value, message):
     with pytest.raises(ValueError, match=message):
         SegmenterConfig.from_dict({"model": "conditional", key: value})
+
+
+def test_the_similarity_head_lifts_the_ceiling_that_the_classifier_bias_sets():
+    # Without the head a pixel whose last features are silent gets p(fg) = sigmoid(b_fg - b_bg) and no
+    # pixel can go above what the features add; the trained nets of issue 13 sat at that ceiling
+    # (0.46-0.49 everywhere). With the head, pixels like the support's structure get the foreground.
+    from segment.train import build_model
+
+    torch.manual_seed(0)
+    image = torch.zeros(1, 1, 32, 32)
+    image[..., 8:20, 10:22] = 3.0  # a bright square on a dark background, and its mask
+    mask = (image > 0).float()
+    for head in (False, True):
+        model = build_model(SegmenterConfig(model="conditional", width=4, resolution=32, similarity_head=head)).eval()
+        with torch.no_grad():
+            model.classifier.weight.zero_()
+            model.classifier.bias.copy_(torch.tensor([2.0, -2.0]))  # p(fg) = 0.018 where features add nothing
+            if head:
+                model.head_scale.fill_(50.0)
+        p = model.segment(image, mask, image)[0, 0]  # (H, W), the support as its own query
+        if head:
+            assert p[mask[0, 0] > 0].mean() > 0.5 and p[mask[0, 0] == 0].mean() < 0.5
+        else:
+            assert p.max().item() == pytest.approx(torch.sigmoid(torch.tensor(-4.0)).item(), abs=1e-4)
+
+
+def test_the_similarity_head_needs_similarity_gates():
+    from segment.conditional import ConditionalConfig
+
+    with pytest.raises(ValueError, match="similarity_head needs similarity_gates"):
+        ConditionalConfig(similarity_head=True, similarity_gates=False, spatial_gates=True)
+
+
+def test_a_checkpoint_written_before_the_head_and_loss_fields_rebuilds_the_model_it_holds(tmp_path):
+    # A conditional checkpoint from before issue 13 has no similarity_head or conditional_* keys; it must
+    # load as what it was (no head, background weight = its bg_weight), whatever today's defaults are.
+    from dataclasses import asdict
+
+    from segment.train import build_model, checkpoint_config, load, save_checkpoint
+
+    old = SegmenterConfig(model="conditional", width=4, resolution=32, similarity_head=False,
+                          conditional_bg_weight=0.1, conditional_dice_weight=0.0)
+    torch.manual_seed(0)
+    model = build_model(old).eval()
+    save_checkpoint(tmp_path / "model.pt", model, old)
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    for key in ("similarity_head", "conditional_bg_weight", "conditional_dice_weight"):
+        del state["config"][key]
+    torch.save(state, tmp_path / "model.pt")
+    assert asdict(checkpoint_config(state["config"])) == asdict(old)
+    image = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    mask = (image > 0.5).float()
+    assert torch.equal(load(tmp_path / "model.pt").segment(image, mask, image), model.segment(image, mask, image))

@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--folds", nargs="+", type=int, default=None, help="default: every fold of the spec")
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--steps", type=int, default=3000, help="prototype net (and the conditional net without --conditional-steps)")
-    p.add_argument("--conditional-steps", type=int, default=700, help="the conditional net is ~1.5x slower per step")
+    p.add_argument("--conditional-steps", type=int, default=1000, help="the conditional net is ~1.5x slower per step")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -48,7 +48,7 @@ class ConditionalConfig:
     channel_gates: bool = True
     spatial_gates: bool = False  # positional sSE from the conditioner (Roy et al.); off: a shortcut (docstring)
     similarity_gates: bool = True  # support-query feature similarity at every block (module docstring)
-    similarity_head: bool = False  # add the last block's fg-minus-bg cosine to the foreground logit (docstring)
+    similarity_head: bool = True  # add the last block's fg-minus-bg cosine to the foreground logit (docstring)
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -58,12 +58,13 @@ class ConditionalConfig:
         if self.resolution % (self.stem_stride * 2 ** self.levels):
             raise ValueError(f"ConditionalConfig.resolution {self.resolution} must be divisible by "
                              f"stem_stride * 2**levels = {self.stem_stride * 2 ** self.levels}")
-        if self.similarity_head and not self.similarity_gates:
-            raise ValueError("ConditionalConfig.similarity_head needs similarity_gates: the head scores the "
-                             "supports' features, which the segmenter arm reads only with similarity gates")
         if not (self.channel_gates or self.spatial_gates or self.similarity_gates):
             raise ValueError("ConditionalConfig needs channel_gates, spatial_gates or similarity_gates: without "
                              "any the support cannot steer the segmenter")
+        if self.similarity_head and not self.similarity_gates:
+            raise ValueError("ConditionalConfig.similarity_head needs similarity_gates: the head scores the "
+                             "supports' features, which the segmenter arm reads only with similarity gates; "
+                             "set similarity_head = false with similarity_gates = false")
 
 
 def _double_conv(cin: int, cout: int, norm: str) -> nn.Sequential:

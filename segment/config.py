@@ -40,14 +40,15 @@ class SegmenterConfig:
     mix_pairs: float = 0.5  # used only when extra pairs are given
     bg_weight: float = 0.1  # prototype model: cross-entropy weight of background (ALPNet)
     align_weight: float = 1.0  # PANet prototype-alignment loss (prototype model)
-    # conditional model: cross-entropy weight of background and weight of a soft Dice term (`loss_weights`)
-    conditional_bg_weight: float = 0.1
-    conditional_dice_weight: float = 0.0
+    # conditional model: cross-entropy weight of background and weight of a soft Dice term (`loss_weights`);
+    # unweighted CE + Dice (Roy et al. 2020) with the similarity head: 5-fold EP1 68.3 (issue 13)
+    conditional_bg_weight: float = 1.0
+    conditional_dice_weight: float = 1.0
     augment: bool = True
     superpixel_scale: float = 100.0
     spatial_gates: bool = False  # conditional model: positional sSE from the support (Roy et al.)
     similarity_gates: bool = True  # conditional model: support-query similarity gate at every block
-    similarity_head: bool = False  # conditional model: last block's support-query similarity in the foreground logit
+    similarity_head: bool = True  # conditional model: last block's support-query similarity in the foreground logit
     neighbour_span: int = 2  # superpixel episodes: query slice up to this many slices from the support (0: same)
     neighbour_min_iou: float = 0.3  # weaker cross-slice links fall back to the support's own slice
     checkpoint_every: int = 100
@@ -68,6 +69,9 @@ class SegmenterConfig:
             raise ValueError(f"SegmenterConfig.warmup must be >= 0, got {self.warmup}")
         if self.lr <= 0:
             raise ValueError(f"SegmenterConfig.lr must be > 0, got {self.lr}")
+        if self.similarity_head and not self.similarity_gates:  # checked for both models: one [segment] table
+            raise ValueError("SegmenterConfig.similarity_head = true needs similarity_gates = true (the head scores "
+                             "the supports' features); set similarity_head = false with similarity_gates = false")
         for name in ("bg_weight", "conditional_bg_weight"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SegmenterConfig.{name} must be > 0, got {getattr(self, name)}")

@@ -139,3 +139,20 @@ def test_a_checkpoint_written_before_the_head_and_loss_fields_rebuilds_the_model
     image = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     mask = (image > 0.5).float()
     assert torch.equal(load(tmp_path / "model.pt").segment(image, mask, image), model.segment(image, mask, image))
+
+
+def test_the_head_without_similarity_gates_fails_when_the_config_is_read():
+    # one [segment] table serves both models, so an experiment config fails at load, before any stage runs
+    from pipelines.config import ConfigError, parse
+
+    with pytest.raises(ValueError, match="similarity_head = true needs similarity_gates = true"):
+        SegmenterConfig.from_dict({"model": "conditional", "similarity_gates": False, "spatial_gates": True})
+    raw = {"name": "t", "data": {"path": "somewhere", "resolution": 64}, "arms": [{"name": "real-only"}],
+           "segment": {"similarity_gates": False, "spatial_gates": True}}
+    with pytest.raises(ConfigError, match=r"\[segment\] SegmenterConfig.similarity_head = true needs similarity_gates"):
+        parse(raw)
+    raw["segment"]["similarity_head"] = False
+    assert parse(raw).segment["similarity_gates"] is False
+    raw["segment"] = {"conditional_dice_weight": -1.0}
+    with pytest.raises(ConfigError, match=r"\[segment\] SegmenterConfig.conditional_dice_weight must be >= 0, got -1.0"):
+        parse(raw)

@@ -33,7 +33,7 @@ DEFAULT_SIZES = ["prototype:16:2:128", "prototype:16:2:128:fused", "prototype:32
                  "conditional:16:2:128:positional", "conditional:16:2:128"]
 # optional last field of a size: SegmenterConfig fields it turns on or off
 FLAGS = {"fused": {"fuse_stem": True}, "coords": {"coords": True},
-         "positional": {"similarity_gates": False, "spatial_gates": True}}
+         "positional": {"similarity_gates": False, "spatial_gates": True, "similarity_head": False}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

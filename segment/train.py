@@ -44,7 +44,8 @@ def build_model(config: SegmenterConfig) -> torch.nn.Module:
     return ConditionalNet(config=ConditionalConfig(resolution=config.resolution, width=config.width,
                                                    cond_width=max(4, config.width // 2), levels=config.depth + 1,
                                                    norm=config.norm, spatial_gates=config.spatial_gates,
-                                                   similarity_gates=config.similarity_gates))
+                                                   similarity_gates=config.similarity_gates,
+                                                   similarity_head=config.similarity_head))
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -54,6 +55,15 @@ def read_checkpoint(path: Path) -> dict:
     if not isinstance(state, dict) or "config" not in state or "state_dict" not in state:
         raise CheckpointError(f"{path} is not a segmenter checkpoint: expected keys 'config' and 'state_dict'")
     return state
+
+
+def checkpoint_config(raw: dict) -> SegmenterConfig:
+    """The config a checkpoint was trained with. A field added since it was written takes the value that
+    reproduces the model it holds, not today's default: no similarity head, and the conditional net's
+    loss weights as the shared `bg_weight` without Dice (before issue 13)."""
+    before = {"similarity_head": False, "conditional_bg_weight": raw.get("bg_weight", 0.1),
+              "conditional_dice_weight": 0.0}
+    return SegmenterConfig.from_dict({**{k: v for k, v in before.items() if k not in raw}, **raw})
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, config: SegmenterConfig, **extra) -> None:
@@ -70,7 +80,7 @@ def load(checkpoint: str | Path) -> torch.nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"segmenter checkpoint {path} does not exist")
     state = read_checkpoint(path)
-    model = build_model(SegmenterConfig.from_dict(state["config"]))
+    model = build_model(checkpoint_config(state["config"]))
     model.load_state_dict(state["state_dict"])
     return model.eval()
 
@@ -83,13 +93,29 @@ def learning_rate(config: SegmenterConfig, step: int, steps: int, lr: float) -> 
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice of the foreground, per query image, averaged (Milletari et al. 2016, V-Net eq. 1).
+
+    logits (N, 2, H, W), target (N, H, W) in {0, 1}; `smooth` keeps an empty mask's loss finite.
+    """
+    fg = F.softmax(logits, dim=1)[:, 1]  # (N, H, W)
+    inter = (fg * target).sum(dim=(1, 2))
+    dice = (2 * inter + smooth) / (fg.sum(dim=(1, 2)) + target.sum(dim=(1, 2)) + smooth)  # (N,)
+    return 1 - dice.mean()
+
+
 def episode_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], config: SegmenterConfig) -> torch.Tensor:
-    """Weighted cross-entropy on the queries plus the model's auxiliary (alignment) loss."""
+    """Weighted cross-entropy on the queries, plus soft Dice and the model's auxiliary (alignment) loss
+    with the weights of `config.loss_weights()` and `config.align_weight`."""
     support_images, support_masks, query_images, query_masks = batch
     logits, aux = model(support_images, support_masks, query_images)  # (B, Q, 2, H, W)
-    weight = torch.tensor([config.bg_weight, 1.0], device=logits.device)
-    ce = F.cross_entropy(logits.flatten(0, 1), query_masks.flatten(0, 1)[:, 0].round().long(), weight=weight)
-    return ce + config.align_weight * aux
+    bg_weight, dice_weight = config.loss_weights()
+    target = query_masks.flatten(0, 1)[:, 0].round().long()  # (B * Q, H, W)
+    weight = torch.tensor([bg_weight, 1.0], device=logits.device)
+    loss = F.cross_entropy(logits.flatten(0, 1), target, weight=weight)
+    if dice_weight > 0:
+        loss = loss + dice_weight * soft_dice_loss(logits.flatten(0, 1), target.float())
+    return loss + config.align_weight * aux
 
 
 def _fit(model: torch.nn.Module, sampler, config: SegmenterConfig, out_dir: Path, *, steps: int, lr: float,
@@ -153,7 +179,7 @@ def _check_resumable(out_dir: Path, config: SegmenterConfig) -> None:
     for name in ("model.pt", "last.pt"):
         path = out_dir / name
         if path.is_file():
-            saved = asdict(SegmenterConfig.from_dict(read_checkpoint(path)["config"]))
+            saved = asdict(checkpoint_config(read_checkpoint(path)["config"]))
             if saved != asdict(config):  # compared with defaults filled in, so older checkpoints still match
                 diff = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v}
                 raise ValueError(f"{path} was written by another config (saved vs now: {diff}); "
@@ -260,7 +286,7 @@ def finetune(checkpoint: str | Path, images: torch.Tensor, masks: torch.Tensor, 
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"segmenter checkpoint {checkpoint} does not exist")
     state = read_checkpoint(Path(checkpoint))
-    base = SegmenterConfig.from_dict(state["config"])
+    base = checkpoint_config(state["config"])
     config = SegmenterConfig.from_dict({**asdict(base), "steps": steps, "lr": lr or base.lr / 5,
                                         "seed": base.seed if seed is None else seed, "batch": batch or base.batch,
                                         "warmup": min(base.warmup, max(1, steps // 10)),

@@ -21,10 +21,13 @@ TINY = dict(width=4, depth=2, dilated_blocks=1, embed_dim=8, resolution=R)
 
 
 def tiny(kind: str) -> SegmenterConfig:
-    """"conditional+positional": Roy et al.'s positional gates instead of similarity gates; "prototype+fused":
-    the stem fused into the embedding."""
+    """"conditional+positional": Roy et al.'s positional gates instead of similarity gates; "conditional-head":
+    without the similarity head on the foreground logit; "prototype+fused": the stem fused into the embedding."""
     if kind == "conditional+positional":
-        return SegmenterConfig(model="conditional", similarity_gates=False, spatial_gates=True, **TINY)
+        return SegmenterConfig(model="conditional", similarity_gates=False, spatial_gates=True,
+                               similarity_head=False, **TINY)
+    if kind == "conditional-head":
+        return SegmenterConfig(model="conditional", similarity_head=False, **TINY)
     if kind == "prototype+fused":
         return SegmenterConfig(model="prototype", fuse_stem=True, **TINY)
     return SegmenterConfig(model=kind, **TINY)
@@ -38,7 +41,7 @@ def episode(s: int = 1, q: int = 2, seed: int = 0):
     return images, masks, torch.randn(q, 1, R, R, generator=g)
 
 
-@pytest.fixture(params=["prototype", "prototype+fused", "conditional", "conditional+positional"])
+@pytest.fixture(params=["prototype", "prototype+fused", "conditional", "conditional+positional", "conditional-head"])
 def kind(request) -> str:
     return request.param
 

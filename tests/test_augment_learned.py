@@ -15,6 +15,7 @@ from augment.registration import (Registration, RegistrationConfig, Registration
 from augment.warped_pairs import PairChecks, learned_pairs, oracle_pairs, pair_problem, warp_pair
 from segment.data.phantom import phantom_volume
 from segment.data.protocol import ep1_support_indices
+from files import snapshot
 
 RES = 32
 TINY = RegistrationConfig(resolution=RES, channels=(4, 8, 8, 8), final_channels=(4,), steps=2, batch_size=2,
@@ -27,10 +28,6 @@ def _volumes(n: int = 3) -> dict[str, np.ndarray]:
         image, _ = phantom_volume(0, i, size=RES, depth=8)
         out[str(i)] = ((image - image.mean()) / image.std()).astype(np.float32)
     return out
-
-
-def _listing(folder) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
 
 def _square_mask(top: int, left: int, size: int = 8) -> torch.Tensor:
@@ -82,7 +79,7 @@ def test_checkpoint_round_trip_rebuilds_the_same_model(trained):
 
 def test_other_resolution_fails_in_one_line_naming_it(trained):
     path, vols = trained
-    before = _listing(path.parent)
+    before = snapshot(path.parent)
     with pytest.raises(PairError, match=r"trained at 32x32, but the input is 64x64") as err:
         load_registration(path.parent, resolution=64)
     assert "\n" not in str(err.value)
@@ -92,7 +89,7 @@ def test_other_resolution_fails_in_one_line_naming_it(trained):
                                         r"model was trained at 32x32") as err:
         model.register(torch.zeros(64, 64), big, name="support 2 -> volume '7'")
     assert "\n" not in str(err.value)
-    assert _listing(path.parent) == before
+    assert snapshot(path.parent) == before
 
 
 def test_training_on_a_query_volume_is_refused_and_writes_nothing(tmp_path):

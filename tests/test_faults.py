@@ -7,7 +7,6 @@ all live under the test's folder, which is the working folder too, and is hashed
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main
+from files import snapshot
 
 REPO = Path(__file__).parents[1]
 
@@ -90,15 +90,6 @@ class Case:
 
     def run(self, *edits: tuple[str, str], extra: tuple[str, ...] = ()) -> list[str]:
         return ["run", self.config(*edits), *extra]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every folder and file under `root` with the SHA-256 of each file's bytes."""
-    out = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        out[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-    return out
 
 
 def _spec_name(c: Case, name: str) -> list[str]:

@@ -4,7 +4,6 @@ keys they add and their bad values."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import main
+from files import snapshot
 from pipelines.config import ConfigError, load
 from segment.data.protocol import make_folds
 
@@ -80,12 +80,6 @@ def _config(tmp: Path, data: Path, *, name: str) -> Path:
 def _without_learned(text: str) -> str:
     """The config without its [generators.learned] section."""
     return text[:text.index("[generators.learned]")] + text[text.index("[generators.ddpm]"):]
-
-
-def _snapshot(*folders: Path) -> dict[str, str]:
-    """Every file under `folders` with the SHA-256 of its content."""
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for f in folders if f.exists()
-            for p in sorted(f.rglob("*")) if p.is_file()}
 
 
 def _fields(cache: Path, stage: str) -> list[dict]:
@@ -193,11 +187,11 @@ def test_shipped_grounded_config_loads_with_both_arms():
 def test_bad_grounded_config_exits_2_in_one_line_and_writes_nothing(phantom_copy, tmp_path, capsys, edit, message):
     cfg = _config(tmp_path, phantom_copy, name="bad")
     cfg.write_text(edit(cfg.read_text()))
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     with pytest.raises(ConfigError, match=message):
         load(cfg)
     assert main(["run", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("supportforge: error:") and re.search(message, err[0])
-    assert _snapshot(tmp_path) == before  # the data folder untouched, no cache, no run folder
+    assert snapshot(tmp_path) == before  # the data folder untouched, no cache, no run folder
     assert not (tmp_path / "cache").exists() and not (tmp_path / "bad").exists()

@@ -21,6 +21,7 @@ from pipelines.stages.base import StageEntry, StageRunner
 from pipelines.stages.synthesis import Synthesis
 from segment.data.protocol import make_folds
 from segment.data.volumes import DataError
+from files import snapshot
 
 PAIRS = """
 name = "pairs"
@@ -74,10 +75,6 @@ def _config(tmp: Path, data: Path, *, name: str, diagnostic: str = "true", oracl
     path.write_text(PAIRS.format(data=data, out=tmp / name, cache=tmp / "cache", diagnostic=diagnostic,
                                  oracle_role=oracle_role, learned=learned))
     return path
-
-
-def _listing(*folders: Path) -> list[str]:
-    return sorted(str(p) for f in folders if f.exists() for p in f.rglob("*"))
 
 
 @pytest.fixture(scope="module")
@@ -142,25 +139,25 @@ def test_learned_set_records_its_volumes_and_checks_and_oracle_its_true_slices(p
 def test_an_oracle_arm_outside_a_diagnostic_arm_and_run_stops_at_config_time(phantom_copy, tmp_path, capsys,
                                                                              diagnostic, role, message):
     cfg = _config(tmp_path, phantom_copy, name="o", diagnostic=diagnostic, oracle_role=role)
-    before = _listing(tmp_path)
+    before = snapshot(tmp_path)
     with pytest.raises(ConfigError, match=message):
         load(cfg)
     assert main(["run", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("supportforge: error: ") and "oracle" in err[0]
-    assert _listing(tmp_path) == before  # no run folder, no cache, the data folder untouched
+    assert snapshot(tmp_path) == before  # no run folder, no cache, the data folder untouched
 
 
 def test_a_support_whose_warps_all_fail_stops_the_run_in_one_line_naming_the_pairs(phantom_copy, tmp_path, capsys):
     cfg = _config(tmp_path, phantom_copy, name="f", learned="min_similarity = 1.0")  # no warp can pass
-    data_before = _listing(phantom_copy)
+    data_before = snapshot(phantom_copy)
     assert main(["run", str(cfg)]) == 2
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("supportforge: error")]  # not the log
     assert len(err) == 1, err
     assert err[0].startswith("supportforge: error: learned pairs, fold 0, class liver: support(s) [0, 1, 2]: every "
                              "candidate pair failed the checks (support 0 -> volume ")
     assert "similarity" in err[0] and "< 1.0" in err[0]
-    assert _listing(phantom_copy) == data_before
+    assert snapshot(phantom_copy) == data_before
     assert [p.name for p in (tmp_path / "f").iterdir()] == ["run.log"]  # no report, results or stages record
     assert not list((tmp_path / "cache" / "stages").glob("synthesis/*/set"))  # no learned set was kept
 

@@ -44,6 +44,11 @@ from augment.pairs import PairError
 from augment.training import load_checkpoint, make_accelerator, save_checkpoint
 
 KIND = "registration"
+# How the affine pre-alignment scales one body onto another: by the ratio of body spreads per axis ("axes"), by
+# their geometric mean on both axes ("isotropic": organs keep their aspect ratio), or not at all ("none").
+# On CHAOS fold 0's training volumes "axes" gives the best label accuracy (38.6 % of all candidates, against
+# 29.6 isotropic and 25.7 none), so it is the default.
+SCALINGS = ("axes", "isotropic", "none")
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class RegistrationConfig:
     pool_size: int = 256                            # training slice pairs matched once before training
     candidates: int = 3                             # slices per volume re-scored after the deformable step
     max_scale: float = 1.5                          # affine body scaling is clipped to [1/max_scale, max_scale]
+    scaling: str = "axes"                           # affine scaling: one per axis, one for both, or none (SCALINGS)
     min_body_fraction: float = 0.1                  # slices with less body than this are never matched
     seed: int = 0
 
@@ -76,6 +82,8 @@ class RegistrationConfig:
                 raise ValueError(f"RegistrationConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_scale < 1:
             raise ValueError(f"RegistrationConfig.max_scale must be >= 1, got {self.max_scale}")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"RegistrationConfig.scaling={self.scaling!r}; valid: {list(SCALINGS)}")
 
     @staticmethod
     def from_dict(d: dict) -> "RegistrationConfig":
@@ -139,7 +147,7 @@ class RegistrationModel(torch.nn.Module):
                             f"{self.config.min_body_fraction:.0%} of the image above its Otsu threshold)")
         fixed = volume[zs][:, None]                                   # (K, 1, H, W)
         # 1.-2. affine pre-alignment to every candidate slice, scored by LNCC
-        aff = torch.stack([body_affine_ddf(moving[0, 0], f[0], self.config.max_scale) for f in fixed])  # (K, 2, H, W)
+        aff = torch.stack([body_affine_ddf(moving[0, 0], f[0], self.config) for f in fixed])  # (K, 2, H, W)
         warp = Warp(mode="bilinear", padding_mode="border")
         pre = warp(moving.expand(len(zs), -1, -1, -1), aff)          # (K, 1, H, W)
         aff_sim = self.similarity(pre, fixed)
@@ -185,27 +193,35 @@ def slice_moments(image: torch.Tensor) -> Moments:
     return _moments(mask) if mask.any() else None
 
 
-def moments_affine_ddf(moving: Moments, fixed: Moments, shape: tuple[int, int], max_scale: float) -> torch.Tensor:
+def moments_affine_ddf(moving: Moments, fixed: Moments, shape: tuple[int, int], *, max_scale: float,
+                       scaling: str) -> torch.Tensor:
     """`(2, H, W)` displacement that moves a body with `moving` moments onto one with `fixed` moments:
-    p -> c_m + r (p - c_f), with r the ratio of body spreads per axis, clipped to [1/max_scale, max_scale]."""
+    p -> c_m + r (p - c_f), with r the ratio of body spreads per axis (`scaling` "axes"), their geometric
+    mean ("isotropic") or 1 ("none"), clipped to [1/max_scale, max_scale]."""
     h, w = shape
     if moving is None or fixed is None:
         return torch.zeros(2, h, w)
     (c_m, s_m), (c_f, s_f) = moving, fixed
-    r = (s_m / s_f).clamp(1 / max_scale, max_scale)
+    r = s_m / s_f                                                   # (2,): rows, columns
+    if scaling == "isotropic":
+        r = r.prod().sqrt().expand(2)
+    elif scaling == "none":
+        r = torch.ones(2)
+    r = r.clamp(1 / max_scale, max_scale)
     grid = torch.stack(torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij"))  # (2, H, W)
     target = c_m[:, None, None] + r[:, None, None] * (grid - c_f[:, None, None])
     return target - grid
 
 
-def body_affine_ddf(moving: torch.Tensor, fixed: torch.Tensor, max_scale: float) -> torch.Tensor:
+def body_affine_ddf(moving: torch.Tensor, fixed: torch.Tensor, config: RegistrationConfig) -> torch.Tensor:
     """`moments_affine_ddf` of two `(H, W)` slices: the body of `moving` moved onto the body of `fixed`."""
-    return moments_affine_ddf(slice_moments(moving), slice_moments(fixed), tuple(fixed.shape), max_scale)
+    return moments_affine_ddf(slice_moments(moving), slice_moments(fixed), tuple(fixed.shape),
+                              max_scale=config.max_scale, scaling=config.scaling)
 
 
 @torch.no_grad()
-def fit_z_map(support_volume: torch.Tensor, target_volume: torch.Tensor, *, lncc_kernel: int = 5,
-              max_scale: float = 1.5, slopes: tuple[float, float] = (0.6, 1.6), min_overlap: float = 0.6) -> dict:
+def fit_z_map(support_volume: torch.Tensor, target_volume: torch.Tensor, *, config: RegistrationConfig,
+              lncc_kernel: int = 5, slopes: tuple[float, float] = (0.6, 1.6), min_overlap: float = 0.6) -> dict:
     """Label-free slice correspondence between two volumes `(Z, H, W)`: z_t = a z_s + b.
 
     1. every support slice is affinely aligned (body moments) to every target slice at half resolution and
@@ -226,7 +242,8 @@ def fit_z_map(support_volume: torch.Tensor, target_volume: torch.Tensor, *, lncc
     for i, m in enumerate(ms):
         if m is None:
             continue
-        aff = torch.stack([moments_affine_ddf(m, f, tuple(tv.shape[-2:]), max_scale) for f in mt])  # (Zt, 2, h, w)
+        aff = torch.stack([moments_affine_ddf(m, f, tuple(tv.shape[-2:]), max_scale=config.max_scale,
+                                                 scaling=config.scaling) for f in mt])  # (Zt, 2, h, w)
         pre = warp(sv[i].expand(len(tv), 1, -1, -1), aff)
         sim[i] = -lncc(pre, tv[:, None]).flatten(1).mean(1)
     # 2. the best line z_t = a z_s + b, scored by the row-standardised similarity (how much better than the
@@ -294,7 +311,7 @@ def _training_pool(model: RegistrationModel, volumes: Mapping[str, torch.Tensor]
         m = volumes[ids[a]][za]
         zs = usable[ids[b]]
         f = volumes[ids[b]][zs][:, None]                              # (K, 1, H, W)
-        aff = torch.stack([body_affine_ddf(m, fi[0], model.config.max_scale) for fi in f])
+        aff = torch.stack([body_affine_ddf(m, fi[0], model.config) for fi in f])
         pre = warp(m.expand(len(zs), 1, -1, -1), aff)
         best = int(torch.argmax(model.similarity(pre, f)))
         moving.append(pre[best])

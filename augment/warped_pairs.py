@@ -121,7 +121,7 @@ def fit_z_maps(support_volume: ArrayLike, volumes: Mapping[str, torch.Tensor], m
     if sv.ndim != 3:
         raise PairError(f"support_volume must be (Z, H, W), got {tuple(sv.shape)}")
     model.check_size(*sv.shape[-2:], "the support volume")
-    return {vid: fit_z_map(sv, vol, max_scale=model.config.max_scale) for vid, vol in volumes.items()}
+    return {vid: fit_z_map(sv, vol, config=model.config) for vid, vol in volumes.items()}
 
 
 def _public(row: dict) -> dict:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from augment.appearance import HistogramAppearance  # noqa: E402
 from augment.masks import classical_pairs  # noqa: E402
-from augment.registration import RegistrationConfig, load_registration, train_registration  # noqa: E402
+from augment.registration import SCALINGS, RegistrationConfig, load_registration, train_registration  # noqa: E402
 from augment.synthesis import save_grid  # noqa: E402
 from augment.warped_pairs import (PairChecks, fit_z_maps, oracle_pairs, register_candidates,  # noqa: E402
                                   select_pairs, warp_pair)
@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=400, help="registration training steps")
     p.add_argument("--pool", type=int, default=256, help="registration training slice pairs")
     p.add_argument("--bending-weight", type=float, default=0.1, help="BendingEnergyLoss weight of the registration")
+    p.add_argument("--scaling", choices=SCALINGS, default="axes", help="affine pre-alignment scaling")
+    p.add_argument("--max-scale", type=float, default=1.5, help="affine body scaling clipped to [1/x, x]")
     p.add_argument("--n", type=int, default=12, help="pairs per class")
     p.add_argument("--correspondence", choices=["volume", "slice"], default="volume",
                    help="volume: one z line fitted between whole volumes (fit_z_map); slice: best slice per volume")
@@ -95,9 +97,9 @@ def load_data(args):
 def registration_config(args) -> RegistrationConfig:
     if args.phantom:
         return RegistrationConfig(resolution=64, channels=(8, 16, 16, 16), final_channels=(8,), steps=40,
-                                  pool_size=32, seed=args.seed)
+                                  pool_size=32, seed=args.seed, scaling=args.scaling, max_scale=args.max_scale)
     return RegistrationConfig(resolution=args.resolution, steps=args.steps, pool_size=args.pool, seed=args.seed,
-                              bending_weight=args.bending_weight)
+                              bending_weight=args.bending_weight, scaling=args.scaling, max_scale=args.max_scale)
 
 
 def get_model(args, data, fold, config):

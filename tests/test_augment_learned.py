@@ -11,7 +11,8 @@ from augment.appearance import HistogramAppearance
 from augment.manifest import LeakageError
 from augment.pairs import PairError
 from augment.registration import (Registration, RegistrationConfig, RegistrationModel, compose_affine, fit_z_map,
-                                  folded_share, load_registration, map_slice, train_registration)
+                                  folded_share, load_registration, map_slice, moments_affine_ddf,
+                                  train_registration)
 from augment.warped_pairs import PairChecks, learned_pairs, oracle_pairs, pair_problem, warp_pair
 from segment.data.phantom import phantom_volume
 from segment.data.protocol import ep1_support_indices
@@ -163,6 +164,23 @@ def test_support_at_another_resolution_fails_naming_it():
         learned_pairs(mask, mask, {"a": np.zeros((2, 64, 64), np.float32)}, model, None, 1, 0)
 
 
+@pytest.mark.parametrize("scaling, expected", [("axes", (2.0, 1.125)), ("isotropic", (1.5, 1.5)), ("none", (1.0, 1.0))])
+def test_affine_scaling_per_axis_isotropic_or_none(scaling, expected):
+    moving = (torch.tensor([16.0, 16.0]), torch.tensor([8.0, 4.5]))  # (centroid, spread) per axis: rows, columns
+    fixed = (torch.tensor([12.0, 18.0]), torch.tensor([4.0, 4.0]))  # spreads 8 / 4 = 2 and 4.5 / 4 = 1.125
+    ddf = moments_affine_ddf(moving, fixed, (RES, RES), max_scale=3.0, scaling=scaling)
+    slope = (ddf[:, 13, 19] - ddf[:, 12, 18]) + 1  # p -> c_m + r (p - c_f): one step on each axis moves by r
+    assert slope.tolist() == pytest.approx(list(expected), abs=1e-5)
+    assert (ddf[:, 12, 18] + torch.tensor([12.0, 18.0])).tolist() == pytest.approx([16.0, 16.0])  # centroids meet
+    clipped = moments_affine_ddf(moving, fixed, (RES, RES), max_scale=1.2, scaling=scaling)
+    assert ((clipped[:, 13, 19] - clipped[:, 12, 18]) + 1).max() <= 1.2 + 1e-5
+
+
+def test_unknown_affine_scaling_fails_naming_the_choices():
+    with pytest.raises(ValueError, match=r"scaling='shear'; valid: \['axes', 'isotropic', 'none'\]"):
+        RegistrationConfig(scaling="shear")
+
+
 def test_affine_and_deformable_fields_compose_exactly():
     aff = torch.stack(torch.meshgrid(torch.arange(RES).float(), torch.arange(RES).float(), indexing="ij"))
     aff = torch.stack([0.2 * aff[0] + 1.0, -0.1 * aff[1] + 2.0])[None]  # r = (1.2, 0.9)
@@ -218,7 +236,7 @@ def test_z_map_recovers_a_known_slice_shift():
     image, _ = phantom_volume(0, 1, size=RES, depth=16)
     support = torch.from_numpy((image - image.mean()) / image.std())
     target = torch.cat([support[-3:], support[:-3]])  # target slice z + 3 shows support slice z (z < 13)
-    z_map = fit_z_map(support, target)
+    z_map = fit_z_map(support, target, config=RegistrationConfig(resolution=RES))
     assert (z_map["slope"], z_map["offset"]) == pytest.approx((1.0, 3.0), abs=0.03)
     assert list(map_slice(z_map, 5, 16, 1)) == [7, 8, 9] and list(map_slice(z_map, 14, 16, 1)) == [15]
 

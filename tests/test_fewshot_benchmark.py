@@ -16,6 +16,7 @@ from pipelines.cli import main as cli_main
 from segment.data.protocol import evaluate, make_folds, oracle_predictor
 from segment.data.slices import prepare
 from segment.data.volumes import load_spec
+from segment.train import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +86,7 @@ def test_fewshot_benchmark_runs_both_settings_on_card_mri(heart_dir, tmp_path):
     results = bench.main(["--spec", "card_mri", "--data", str(heart_dir), "--setting", "1", "2", "--folds", "0",
                           "--steps", "2", "--conditional-steps", "2", "--width", "4", "--batch", "1",
                           "--resolution", "32", "--jobs", "1", "--cache", str(tmp_path / "cache"),
-                          "--runs", str(tmp_path / "runs"), "--out", str(out)])
+                          "--runs", str(tmp_path / "runs"), "--out", str(out), "--finetune-steps", "2"])
     assert sorted(results) == [1, 2]
     for setting in (1, 2):
         saved = json.loads((out / f"segment_card_mri_setting{setting}.json").read_text())
@@ -98,6 +99,13 @@ def test_fewshot_benchmark_runs_both_settings_on_card_mri(heart_dir, tmp_path):
                 assert h["dice_grid"] == "native" and h["postprocess"] is False
                 assert 0.0 <= h["mean"] <= 1.0 and 0.0 <= h["mean_post"] <= 1.0
                 assert set(h["per_class"]) == {"lv_myocardium", "lv_blood_pool", "rv"}
+                assert h["finetune_steps"] == 2 and 0.0 <= h["base_mean"] <= 1.0  # scored before and after
+    # Test-time fine-tuning reads only the support slices the protocol gives: 3 for EP1, 1 for EP2.
+    tuned = sorted((tmp_path / "runs").rglob("finetune2-*/model.pt"))
+    assert len(tuned) == 2 * 2 * 2 * 3  # settings x models x protocols x classes
+    for path in tuned:
+        meta = read_checkpoint(path)["meta"]
+        assert meta["stage"] == "finetune" and meta["pool_size"] == (3 if "-EP1-" in str(path) else 1)
     # Setting 2 trains one model per class group: its training slices hold no class of the group.
     splits = json.loads((out / "segment_card_mri_setting2.json").read_text())["models"]["prototype"]["splits"]
     assert splits == [["lv_myocardium", "lv_blood_pool"], ["rv"]]

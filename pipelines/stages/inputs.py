@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipelines.stages.base import StageEntry
-from segment.data.protocol import Fold, ep1_support_indices, excluded_class_ids
+from segment.data.protocol import Fold, excluded_class_ids, support_slices
 from segment.data.slices import PreparedData
 
 if TYPE_CHECKING:  # torch loads inside the functions, so a fully cached run never imports it
@@ -29,7 +29,7 @@ def support_pairs(data: PreparedData, fold: Fold, name: str) -> tuple[torch.Tens
     import torch
 
     vol = data.volume(fold.support)
-    idx = ep1_support_indices(vol.native_labels, data.spec.class_id(name))  # the protocol's slices
+    idx = support_slices(vol, data.spec.class_id(name), "EP1")  # the protocol's slices
     images = torch.from_numpy(vol.images[idx][:, None].copy())
     masks = torch.from_numpy((vol.labels[idx] == data.spec.class_id(name))[:, None].astype(np.float32))
     return images, masks, idx

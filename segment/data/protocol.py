@@ -130,6 +130,14 @@ def ep1_support_indices(labels: np.ndarray, class_id: int, n_chunks: int = 3) ->
     return [z0 + (length * (2 * i + 1)) // (2 * n_chunks) for i in range(n_chunks)]
 
 
+def support_slices(support: Volume, class_id: int, protocol: str, n_chunks: int = 3) -> list[int]:
+    """The labelled support slices a protocol gives for a class: one per EP1 chunk, or EP2's middle slice.
+
+    They are the only labels of the novel class a method may use at test time (e.g. to fine-tune on).
+    """
+    return ep1_support_indices(support.native_labels, class_id, n_chunks if protocol == "EP1" else 1)
+
+
 def ep1_chunk_of(z: int, zmin: int, zmax: int, n_chunks: int = 3) -> int:
     """SSL-ALPNet's query chunk of slice z: min((z - zmin) // ((zmax - zmin) / n), n - 1); 0 for one slice."""
     if zmax == zmin:
@@ -201,12 +209,11 @@ def _predict(predictor: Predictor, sup_img: np.ndarray, sup_mask: np.ndarray, qr
 
 def _tasks(protocol: str, support: Volume, query: Volume, class_id: int, n_chunks: int):
     """(support slice indices, query slice indices) pairs of one query volume; ranges from native labels."""
+    sup_idx = support_slices(support, class_id, protocol, n_chunks)
     if protocol == "EP1":
-        sup_idx = ep1_support_indices(support.native_labels, class_id, n_chunks)
         chunks = ep1_query_chunks(query.native_labels, class_id, n_chunks)
         return [([s], chunk) for s, chunk in zip(sup_idx, chunks) if len(chunk)]
-    middle = ep1_support_indices(support.native_labels, class_id, 1)
-    return [(middle, np.arange(len(query.images)))]
+    return [(sup_idx, np.arange(len(query.images)))]
 
 
 def _score_query(run: Predictor, support: Volume, query: Volume, cid: int, protocol: str, n_chunks: int,
@@ -256,8 +263,7 @@ def evaluate(predictor: Predictor | None, data: PreparedData, folds: list[Fold],
             row = {"fold": fold.index, "support": fold.support, "queries": list(fold.queries),
                    "support_slices": {}, "dice": {}, "dice_post": {}}
             fold_rows.append(row)
-        row["support_slices"][name] = ep1_support_indices(support.native_labels, cid,
-                                                          n_chunks if protocol == "EP1" else 1)
+        row["support_slices"][name] = support_slices(support, cid, protocol, n_chunks)
         row["dice"][name], row["dice_post"][name] = {}, {}
         for qid in fold.queries:
             query = data.volume(qid)

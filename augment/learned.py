@@ -4,8 +4,8 @@ Training: a 2D registration model (`augment.registration`) per fold, on the IMAG
 volumes; no label is read, and a query volume among them raises `LeakageError` before anything is written.
 Sampling: each EP1 support slice of a class and its mask are warped onto those volumes by the model
 (`augment.warped_pairs.learned_pairs`, slice correspondence fitted between the support volume and each
-target, images only), every candidate passes the label-free checks, and another subject's appearance is
-applied. The set's manifest lists every volume the model and the pairs used, and the checks' outcome.
+target, images only), every candidate passes the label-free checks, and, with `appearance`, another
+subject's appearance is applied. The set's manifest lists every volume the model and the pairs used, and the checks' outcome.
 """
 from __future__ import annotations
 

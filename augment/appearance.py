@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from augment.config import APPEARANCE_REGIONS as REGIONS
+
 METHODS = ("histogram",)
 
 
@@ -22,10 +24,13 @@ METHODS = ("histogram",)
 class AppearanceConfig:
     method: str = "histogram"      # quantile mapping inside and outside the mask separately
     quantiles: int = 101           # quantile levels matched per region
+    regions: str = "structure"     # one of REGIONS
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"AppearanceConfig.method={self.method!r}; valid: {list(METHODS)}")
+        if self.regions not in REGIONS:
+            raise ValueError(f"AppearanceConfig.regions={self.regions!r}; valid: {list(REGIONS)}")
         if self.quantiles < 2:
             raise ValueError(f"AppearanceConfig.quantiles must be >= 2, got {self.quantiles}")
 
@@ -45,13 +50,16 @@ class HistogramAppearance:
 
     def apply(self, image: torch.Tensor, mask: torch.Tensor, donor: torch.Tensor, donor_mask: torch.Tensor
               ) -> torch.Tensor:
-        """`image` `(H, W)` with the intensity distribution of `donor` `(H', W')`, inside `mask` matched to
-        inside `donor_mask` and outside to outside; a region empty on either side keeps its intensities."""
+        """`image` `(H, W)` with the intensity distribution of `donor` `(H', W')`: with regions "structure",
+        inside `mask` matched to inside `donor_mask` and outside to outside (a region empty on either side
+        keeps its intensities); with "slice", the whole image to the whole donor, so that no donor region is
+        needed (the donor mask is a registration's guess, right about half the time on CHAOS)."""
         x, m = image.numpy().astype(np.float64), mask.numpy() > 0.5
         d, dm = donor.numpy().astype(np.float64), donor_mask.numpy() > 0.5
         levels = np.linspace(0.0, 1.0, self.config.quantiles)
         out = x.copy()
-        for region, donor_region in ((m, dm), (~m, ~dm)):
+        pairs = ((m, dm), (~m, ~dm)) if self.config.regions == "structure" else ((m | ~m, dm | ~dm),)
+        for region, donor_region in pairs:
             if region.any() and donor_region.any():
                 out[region] = _match_region(x[region], d[donor_region], levels)
         return torch.from_numpy(out.astype(np.float32))

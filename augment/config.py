@@ -29,6 +29,11 @@ def _check_steps(owner: str, pretrain_steps: int, finetune_steps: int) -> None:
             raise ValueError(f"{owner}.{name} must be >= 0, got {value}")
 
 
+# Histogram appearance (augment.appearance): match organ to organ and the rest to the rest ("structure"), or
+# the whole slice at once ("slice", which needs no donor organ region).
+APPEARANCE_REGIONS = ("structure", "slice")
+
+
 @dataclass(frozen=True)
 class DDPMConfig:
     """Everything that defines a DDPM generator; saved in its checkpoint so the file rebuilds the model."""
@@ -169,6 +174,7 @@ class LearnedConfig:
     # it took the learned arm from 71.2 to 69.5 EP1 (real-only 71.3) and the mask consistency of the pairs from
     # 66-73 % to 56-58 %, because its donor organ region is the warped mask, right only about half the time
     appearance: bool = False
+    appearance_regions: str = "structure"  # one of APPEARANCE_REGIONS
     seed: int = 0
     cpu: bool = True
 
@@ -184,6 +190,9 @@ class LearnedConfig:
         for name in ("integration_steps", "z_window", "min_fragment_px"):
             if getattr(self, name) < 0:
                 raise ValueError(f"LearnedConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.appearance_regions not in APPEARANCE_REGIONS:
+            raise ValueError(f"LearnedConfig.appearance_regions={self.appearance_regions!r}; valid: "
+                             f"{list(APPEARANCE_REGIONS)}")
         if self.bending_weight < 0:
             raise ValueError(f"LearnedConfig.bending_weight must be >= 0, got {self.bending_weight}")
         if not 0 <= self.max_folded_share <= 1 or not -1 <= self.min_similarity <= 1:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from augment.appearance import HistogramAppearance
+from augment.appearance import AppearanceConfig, HistogramAppearance
 from augment.config import LearnedConfig
 from augment.manifest import Provenance, SliceRef, refs, validate_manifest
 from augment.pairs import PairError
@@ -56,7 +56,8 @@ def make_set(checkpoint: Path | None, *, support: tuple[torch.Tensor, torch.Tens
              support_volume: np.ndarray, support_slices: Sequence[int], volumes: Mapping[str, np.ndarray],
              labels: Mapping[str, np.ndarray] | None, n: int, seed: int, fold: int, class_name: str,
              query_volumes: Sequence[str], z_window: int, max_folded_share: float, min_similarity: float,
-             min_area_ratio: float, max_area_ratio: float, min_fragment_px: int, appearance: bool) -> SyntheticSet:
+             min_area_ratio: float, max_area_ratio: float, min_fragment_px: int, appearance: bool,
+             appearance_regions: str) -> SyntheticSet:
     """`n` pairs of a class: its support slices `(S, 1, R, R)` warped onto the unlabelled `volumes`.
 
     `labels` must be None: this source never reads a label of the training volumes. A support all of whose
@@ -84,14 +85,16 @@ def make_set(checkpoint: Path | None, *, support: tuple[torch.Tensor, torch.Tens
     checks = PairChecks(max_folded_share=max_folded_share, min_similarity=min_similarity,
                         min_area_ratio=min_area_ratio, max_area_ratio=max_area_ratio, min_fragment_px=min_fragment_px)
     try:
-        out_i, out_m, info = learned_pairs(images, masks, volumes, model, HistogramAppearance() if appearance else None,
+        look = HistogramAppearance(AppearanceConfig(regions=appearance_regions)) if appearance else None
+        out_i, out_m, info = learned_pairs(images, masks, volumes, model, look,
                                            n, seed, checks=checks, support_volume=support_volume,
                                            support_slices=list(support_slices), z_window=z_window)
     except PairError as err:
         raise PairError(f"{where}: {err}") from None
     manifest["source"] = [dataclasses.asdict(refs_[p["support"]]) for p in info["pairs"]]
     manifest["dropped_fragments"] = [0] * len(refs_)
-    manifest["checks"] = {"thresholds": info["checks"], "appearance": appearance, "n_candidates": info["n_candidates"],
+    manifest["checks"] = {"thresholds": info["checks"], "appearance": appearance,
+                          "appearance_regions": appearance_regions if appearance else None, "n_candidates": info["n_candidates"],
                           "n_passed": info["n_passed"], "share_passed": info["share_passed"],
                           "dropped": info["n_candidates"] - info["n_passed"],
                           "supports_without_pairs": info["supports_without_pairs"], "candidates": info["candidates"]}

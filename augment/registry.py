@@ -127,7 +127,8 @@ class VolumeSource:
 VOLUME_SOURCES: dict[str, VolumeSource] = {
     "learned": VolumeSource("learned", LearnedConfig, "augment.learned",
                             pair_fields=("z_window", "max_folded_share", "min_similarity", "min_area_ratio",
-                                         "max_area_ratio", "min_fragment_px", "appearance")),
+                                         "max_area_ratio", "min_fragment_px", "appearance",
+                                         "appearance_regions")),
     "oracle": VolumeSource("oracle", OracleConfig, "augment.oracle", trains=False, reads_labels=True,
                            needs_section=False),
 }

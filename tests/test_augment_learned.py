@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from augment.appearance import HistogramAppearance
+from augment.appearance import AppearanceConfig, HistogramAppearance
 from augment.manifest import LeakageError
 from augment.pairs import PairError
 from augment.registration import (Registration, RegistrationConfig, RegistrationModel, compose_affine, fit_z_map,
@@ -204,6 +204,20 @@ def test_histogram_appearance_takes_the_donor_intensities_per_structure():
     # the ranking inside each structure is kept: the appearance changes, the anatomy does not
     inside = mask > 0
     assert torch.equal(torch.argsort(out[inside]), torch.argsort(image[inside]))
+
+
+def test_slice_histogram_appearance_ignores_the_donor_mask():
+    mask = _square_mask(10, 12)
+    gen = torch.Generator().manual_seed(0)
+    image = torch.where(mask > 0, 1.0, 0.0) + 0.1 * torch.randn(RES, RES, generator=gen)
+    donor = torch.where(mask > 0, 3.0, -1.0) + 0.2 * torch.randn(RES, RES, generator=gen)
+    look = HistogramAppearance(AppearanceConfig(regions="slice"))
+    out = look.apply(image, mask, donor, mask)
+    assert torch.equal(out, look.apply(image, mask, donor, torch.zeros_like(mask)))  # a wrong donor region: same
+    assert abs(float(out.mean() - donor.mean())) < 0.02 and abs(float(out.std() - donor.std())) < 0.02
+    assert torch.equal(torch.argsort(out.flatten()), torch.argsort(image.flatten()))  # monotone: anatomy kept
+    with pytest.raises(ValueError, match=r"regions='organ'; valid: \['structure', 'slice'\]"):
+        AppearanceConfig(regions="organ")
 
 
 def test_oracle_pairs_pick_the_ep1_relative_positions():

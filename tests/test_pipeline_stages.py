@@ -11,6 +11,7 @@ from augment.config import DDPMConfig, LearnedConfig
 from augment.masks import DeformConfig
 from pipelines.stages.base import KEYED, Stage, StageEntry, identity, stage_classes
 from pipelines.stages.evaluate import EvalRef, Evaluate
+from augment.registry import volume_source
 from pipelines.stages.generators import GeneratorFinetune, GeneratorPretrain, SourceTrain, Superpixels
 from pipelines.stages.report import Report
 from pipelines.stages.segmenters import Finetune, Segmenter
@@ -87,6 +88,17 @@ def test_changing_any_field_changes_the_key_and_a_context_field_never_does(stage
             assert other.key() != key, f"{stage.name}.{f.name} is not in the key"
         else:
             assert other.key() == key, f"{stage.name}.{f.name} is a context field but changes the key"
+
+
+def test_a_source_model_key_ignores_the_pair_fields_its_training_never_reads():
+    stage = SourceTrain(source="learned", config=LearnedConfig(), **COMMON)
+    for pair_field in volume_source("learned").pair_fields:  # e.g. `appearance` or a check threshold
+        value = getattr(stage.config, pair_field)
+        new = ("slice" if isinstance(value, str) else (not value) if isinstance(value, bool)
+               else value + 1 if isinstance(value, int) else value / 2)
+        other = dataclasses.replace(stage.config, **{pair_field: new})
+        assert dataclasses.replace(stage, config=other).key() == stage.key(), pair_field
+    assert dataclasses.replace(stage, config=LearnedConfig(steps=7)).key() != stage.key()  # a model field
 
 
 def test_a_field_without_an_identity_is_refused_not_skipped():

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from augment.manifest import Provenance, refs
-from augment.registry import CHECKPOINT_FILE, generator, volume_source
+from augment.registry import CHECKPOINT_FILE, VOLUME_SOURCES, generator, volume_source
 from pipelines.stages.base import Stage, StageEntry, context
 from pipelines.stages.inputs import support_pairs
 from segment.config import SuperpixelParams
@@ -144,6 +144,14 @@ class SourceTrain(Stage):
     @property
     def label(self) -> str:
         return f"{self.source} fold{self.fold.index} s{self.config.seed}"
+
+    def fields(self) -> dict[str, Any]:
+        """The keyed fields, the config without its pair fields: training never reads them, so adding one or
+        changing its default keeps every trained model."""
+        out = super().fields()
+        pair = set(VOLUME_SOURCES[self.source].pair_fields) if self.source in VOLUME_SOURCES else set()
+        out["config"] = {k: v for k, v in out["config"].items() if k not in pair}
+        return out
 
     def produce(self, folder: Path) -> None:
         volumes = {vid: self.data.volume(vid).images for vid in self.fold.train}  # (Z, R, R) images only

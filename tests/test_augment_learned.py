@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from augment.appearance import AppearanceConfig, HistogramAppearance
+from augment.config import LearnedConfig
 from augment.manifest import LeakageError
 from augment.pairs import PairError
 from augment.registration import (Registration, RegistrationConfig, RegistrationModel, compose_affine, fit_z_map,
@@ -218,6 +219,8 @@ def test_slice_histogram_appearance_ignores_the_donor_mask():
     assert torch.equal(torch.argsort(out.flatten()), torch.argsort(image.flatten()))  # monotone: anatomy kept
     with pytest.raises(ValueError, match=r"regions='organ'; valid: \['structure', 'slice'\]"):
         AppearanceConfig(regions="organ")
+    with pytest.raises(ValueError, match=r"LearnedConfig.appearance_regions='organ'; valid: \['structure', 'slice'\]"):
+        LearnedConfig(appearance_regions="organ")
 
 
 def test_oracle_pairs_pick_the_ep1_relative_positions():

@@ -99,10 +99,13 @@ def test_fewshot_benchmark_runs_both_settings_on_card_mri(heart_dir, tmp_path):
                 assert h["dice_grid"] == "native" and h["postprocess"] is False
                 assert 0.0 <= h["mean"] <= 1.0 and 0.0 <= h["mean_post"] <= 1.0
                 assert set(h["per_class"]) == {"lv_myocardium", "lv_blood_pool", "rv"}
-                assert h["finetune_steps"] == 2 and 0.0 <= h["base_mean"] <= 1.0  # scored before and after
+                if kind == "prototype":  # fine-tuned on the supports, and scored before and after
+                    assert h["finetune_steps"] == 2 and 0.0 <= h["base_mean"] <= 1.0
+                else:  # the conditional net is not fine-tuned by default
+                    assert h["finetune_steps"] == 0 and "base_mean" not in h
     # Test-time fine-tuning reads only the support slices the protocol gives: 3 for EP1, 1 for EP2.
     tuned = sorted((tmp_path / "runs").rglob("finetune2-*/model.pt"))
-    assert len(tuned) == 2 * 2 * 2 * 3  # settings x models x protocols x classes
+    assert len(tuned) == 2 * 2 * 3 and all("/prototype-" in str(p) for p in tuned)  # settings x protocols x classes
     for path in tuned:
         meta = read_checkpoint(path)["meta"]
         assert meta["stage"] == "finetune" and meta["pool_size"] == (3 if "-EP1-" in str(path) else 1)

@@ -8,7 +8,7 @@ fold for every class (no label is used); Setting 2: one model per fold and class
 training slices are those without ANY class of the group (OR rule); with supervised episodes
 (`--mix-supervised > 0`) one model per group (`--split group`) or per class (`--split class`).
 Then, by default, each trained model is fine-tuned per class and protocol on the labelled support slices
-that protocol gives (3 for EP1, 1 for EP2: `segment.data.protocol.support_slices`), `--finetune-steps`
+that protocol gives (3 for EP1, 1 for EP2: `segment.data.protocol.support_pairs`), `--finetune-steps`
 steps, and scored both ways: the headline is the fine-tuned model, `<protocol>_base` the model before it.
 Writes benchmarks/results/segment_{spec}_setting{N}.json and .md per setting.
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from segment.predict import make_predictor  # noqa: E402
 from segment.config import GRIDS, PROTOCOLS, SETTINGS  # noqa: E402
-from segment.data.protocol import evaluate, make_folds, support_slices  # noqa: E402
+from segment.data.protocol import evaluate, make_folds, support_pairs  # noqa: E402
 from segment.data.slices import prepare  # noqa: E402
 from segment.data.superpixels import superpixels  # noqa: E402
 from segment.train import SegmenterConfig, finetune, load, read_checkpoint, train  # noqa: E402
@@ -181,11 +181,8 @@ def finetune_all(kind: str, ckpt: Path, data, fold, names: tuple[str, ...], run_
     support = data.volume(fold.support)
     for protocol in args.protocols:
         for name in names:
-            cid = data.spec.class_id(name)
-            idx = support_slices(support, cid, protocol)
-            images = torch.from_numpy(support.images[idx][:, None].copy())  # (S, 1, R, R)
-            masks = torch.from_numpy((support.labels[idx] == cid)[:, None].astype("float32"))
-            path = finetune(ckpt, images, masks, out_dir=run_dir / f"finetune{steps}-{protocol}-{name}",
+            images, masks, _ = support_pairs(support, data.spec.class_id(name), protocol)  # (S, 1, R, R)
+            path = finetune(ckpt, torch.from_numpy(images), torch.from_numpy(masks), out_dir=run_dir / f"finetune{steps}-{protocol}-{name}",
                             steps=steps, seed=args.seed)
             out[f"{protocol}/{name}"] = (str(path), trained_seconds(path, default=0.0))
     return out

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from pipelines.stages.base import StageEntry
-from segment.data.protocol import Fold, excluded_class_ids, support_slices
+from segment.data.protocol import Fold, excluded_class_ids
+from segment.data.protocol import support_pairs as protocol_support_pairs
 from segment.data.slices import PreparedData
 
 if TYPE_CHECKING:  # torch loads inside the functions, so a fully cached run never imports it
@@ -28,11 +27,8 @@ def support_pairs(data: PreparedData, fold: Fold, name: str) -> tuple[torch.Tens
     """The protocol's support pairs of a class: its EP1 slices of the fold's support volume, (3, 1, R, R)."""
     import torch
 
-    vol = data.volume(fold.support)
-    idx = support_slices(vol, data.spec.class_id(name), "EP1")  # the protocol's slices
-    images = torch.from_numpy(vol.images[idx][:, None].copy())
-    masks = torch.from_numpy((vol.labels[idx] == data.spec.class_id(name))[:, None].astype(np.float32))
-    return images, masks, idx
+    images, masks, idx = protocol_support_pairs(data.volume(fold.support), data.spec.class_id(name), "EP1")
+    return torch.from_numpy(images), torch.from_numpy(masks), idx
 
 
 def synthetic_pairs(data: PreparedData, fold: Fold, class_name: str, sets: tuple[StageEntry, ...], *,

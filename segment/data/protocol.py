@@ -138,6 +138,14 @@ def support_slices(support: Volume, class_id: int, protocol: str, n_chunks: int 
     return ep1_support_indices(support.native_labels, class_id, n_chunks if protocol == "EP1" else 1)
 
 
+def support_pairs(support: Volume, class_id: int, protocol: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The `support_slices` of a class as working-resolution pairs: images and {0, 1} masks `(S, 1, R, R)`
+    float32, and their slice indices."""
+    idx = support_slices(support, class_id, protocol)
+    masks = (support.labels[idx] == class_id)[:, None].astype(np.float32)
+    return support.images[idx][:, None].astype(np.float32), masks, idx
+
+
 def ep1_chunk_of(z: int, zmin: int, zmax: int, n_chunks: int = 3) -> int:
     """SSL-ALPNet's query chunk of slice z: min((z - zmin) // ((zmax - zmin) / n), n - 1); 0 for one slice."""
     if zmax == zmin:

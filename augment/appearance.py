@@ -58,7 +58,8 @@ class HistogramAppearance:
         d, dm = donor.numpy().astype(np.float64), donor_mask.numpy() > 0.5
         levels = np.linspace(0.0, 1.0, self.config.quantiles)
         out = x.copy()
-        pairs = ((m, dm), (~m, ~dm)) if self.config.regions == "structure" else ((m | ~m, dm | ~dm),)
+        whole = (np.ones_like(m), np.ones_like(dm))
+        pairs = ((m, dm), (~m, ~dm)) if self.config.regions == "structure" else (whole,)
         for region, donor_region in pairs:
             if region.any() and donor_region.any():
                 out[region] = _match_region(x[region], d[donor_region], levels)

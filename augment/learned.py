@@ -5,7 +5,8 @@ volumes; no label is read, and a query volume among them raises `LeakageError` b
 Sampling: each EP1 support slice of a class and its mask are warped onto those volumes by the model
 (`augment.warped_pairs.learned_pairs`, slice correspondence fitted between the support volume and each
 target, images only), every candidate passes the label-free checks, and, with `appearance`, another
-subject's appearance is applied. The set's manifest lists every volume the model and the pairs used, and the checks' outcome.
+subject's appearance is applied. The set's manifest lists every volume the model and the pairs used, and
+the checks' outcome.
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def make_set(checkpoint: Path | None, *, support: tuple[torch.Tensor, torch.Tens
     manifest["source"] = [dataclasses.asdict(refs_[p["support"]]) for p in info["pairs"]]
     manifest["dropped_fragments"] = [0] * len(refs_)
     manifest["checks"] = {"thresholds": info["checks"], "appearance": appearance,
-                          "appearance_regions": appearance_regions if appearance else None, "n_candidates": info["n_candidates"],
+                          "appearance_regions": appearance_regions if appearance else None,
+                          "n_candidates": info["n_candidates"],
                           "n_passed": info["n_passed"], "share_passed": info["share_passed"],
                           "dropped": info["n_candidates"] - info["n_passed"],
                           "supports_without_pairs": info["supports_without_pairs"], "candidates": info["candidates"]}

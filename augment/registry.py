@@ -95,8 +95,8 @@ GENERATORS: dict[str, Generator] = {
 class VolumeSource:
     """A source of pairs made from whole volumes of the fold (see the module docstring).
 
-    `pair_fields` are read only by `make_set`: the training stage's config has them reset to their defaults,
-    so changing one never retrains the model. `needs_section`: an arm may use the source only if the
+    `pair_fields` are read only by `make_set`: the training stage leaves them out of its cache key, so
+    changing one never retrains the model. `needs_section`: an arm may use the source only if the
     experiment config has a [generators.NAME] section (a source with nothing to set needs none).
     """
 
@@ -117,11 +117,6 @@ class VolumeSource:
     def pair_options(self, config) -> dict:
         """The keywords of `make_set` that come from the config."""
         return {f: getattr(config, f) for f in self.pair_fields}
-
-    def train_config(self, config):
-        """`config` with the pair fields reset to their defaults: what the training stage reads."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self.config)}
-        return dataclasses.replace(config, **{f: defaults[f] for f in self.pair_fields})
 
 
 VOLUME_SOURCES: dict[str, VolumeSource] = {

@@ -137,7 +137,7 @@ class SourceTrain(Stage):
     name: ClassVar[str] = "source-train"
     version: ClassVar[str] = "1"
     source: str
-    config: Any  # the source's config without its pair fields (augment.registry)
+    config: Any  # the source's config; its pair fields (augment.registry) stay out of the key
     data: PreparedData
     fold: Fold
 
@@ -149,7 +149,8 @@ class SourceTrain(Stage):
         """The keyed fields, the config without its pair fields: training never reads them, so adding one or
         changing its default keeps every trained model."""
         out = super().fields()
-        pair = set(VOLUME_SOURCES[self.source].pair_fields) if self.source in VOLUME_SOURCES else set()
+        known = self.source in VOLUME_SOURCES  # an unknown source is refused when the stage runs
+        pair = set(VOLUME_SOURCES[self.source].pair_fields) if known else set()
         out["config"] = {k: v for k, v in out["config"].items() if k not in pair}
         return out
 

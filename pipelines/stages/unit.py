@@ -91,7 +91,7 @@ def _synthesis(cfg, data, fold, seed, source, c, excluded, sp: Superpixels, sp_e
     if source in VOLUME_SOURCES:
         src, config = volume_source(source), generator_config(cfg, source, seed)
         if src.trains:
-            gen_entry = runner(SourceTrain(source=source, config=src.train_config(config), data=data, fold=fold))
+            gen_entry = runner(SourceTrain(source=source, config=config, data=data, fold=fold))
         sampling = src.pair_options(config)
     elif source != CLASSICAL:
         gen_entry, sampling = _generator(cfg, data, fold, seed, source, c, excluded, sp, sp_entry, runner)

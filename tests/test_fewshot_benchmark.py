@@ -23,12 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _heart(rng: np.random.Generator, size: int, depth: int) -> tuple[np.ndarray, np.ndarray]:
     """Image (Z, H, W) and raw labels: LV blood pool (500) in a myocardium ring (200), RV (600) beside it,
-    inside a body outline; the LV spans slices 2..Z-3 and the RV 1..Z-2, so Setting 2 keeps some slices."""
+    inside a body outline; the LV spans slices 4..Z-2 and the RV 1..Z-5, so Setting 2 keeps three or more slices
+    of either group's volumes with the other group's classes in them (its supervised episodes)."""
     z, y, x = np.meshgrid(np.arange(depth), np.arange(size), np.arange(size), indexing="ij")  # each (Z, H, W)
     cy, cx = size * rng.uniform(0.45, 0.55), size * rng.uniform(0.5, 0.6)
     taper = 1.0 - 0.5 * np.abs(z - (depth - 1) / 2) / depth  # smaller towards base and apex
     r = np.hypot(y - cy, x - cx)
-    lv_slices, rv_slices = (z >= 2) & (z <= depth - 3), (z >= 1) & (z <= depth - 2)
+    lv_slices, rv_slices = (z >= 4) & (z <= depth - 2), (z >= 1) & (z <= depth - 5)
     pool = (r <= 0.12 * size * taper) & lv_slices
     ring = (r > 0.12 * size * taper) & (r <= 0.2 * size * taper) & lv_slices
     rv = (np.hypot(y - cy, x - (cx - 0.28 * size)) <= 0.13 * size * taper) & ~ring & ~pool & rv_slices
@@ -44,7 +45,7 @@ def _heart(rng: np.random.Generator, size: int, depth: int) -> tuple[np.ndarray,
 def heart_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("card")
     for i in range(1, 7):  # 6 volumes: 5 folds of one query and one support each
-        image, labels = _heart(np.random.default_rng(i), size=40, depth=9)
+        image, labels = _heart(np.random.default_rng(i), size=40, depth=12)
         for name, array in (("image", image), ("label", labels)):
             nib.save(nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), np.eye(4)),
                      out / f"{name}_{i}.nii.gz")
@@ -64,7 +65,7 @@ def test_card_mri_oracle_scores_one_on_the_native_grid(heart_dir, tmp_path):
     spec = load_spec("card_mri")
     data = prepare(spec, heart_dir, resolution=32, cache_dir=tmp_path)
     v = data.volume("1")
-    assert v.native_labels.shape == (9, 40, 40) and v.labels.shape == (9, 32, 32)
+    assert v.native_labels.shape == (12, 40, 40) and v.labels.shape == (12, 32, 32)
     assert set(np.unique(v.native_labels)) == {0, 1, 2, 3}  # 200 / 500 / 600 -> class ids 1 / 2 / 3
     folds = make_folds(data.ids, spec.n_folds)
     for protocol in ("EP1", "EP2"):
@@ -109,9 +110,15 @@ def test_fewshot_benchmark_runs_both_settings_on_card_mri(heart_dir, tmp_path):
     for path in tuned:
         meta = read_checkpoint(path)["meta"]
         assert meta["stage"] == "finetune" and meta["pool_size"] == (3 if "-EP1-" in str(path) else 1)
-    # Setting 2 trains one model per class group: its training slices hold no class of the group.
-    splits = json.loads((out / "segment_card_mri_setting2.json").read_text())["models"]["prototype"]["splits"]
-    assert splits == [["lv_myocardium", "lv_blood_pool"], ["rv"]]
+    # Setting 2 trains one model per class group: its training slices hold no class of the group. In Setting 1
+    # the prototype net learns from supervised episodes of the other groups' labels, so it too is one model per
+    # group; the conditional net, without them, is one model for every class.
+    groups = [["lv_myocardium", "lv_blood_pool"], ["rv"]]
+    for setting, kind, splits, mix in ((2, "prototype", groups, 0.5), (2, "conditional", groups, 0.0),
+                                       (1, "prototype", groups, 0.5),
+                                       (1, "conditional", [["lv_myocardium", "lv_blood_pool", "rv"]], 0.0)):
+        model = json.loads((out / f"segment_card_mri_setting{setting}.json").read_text())["models"][kind]
+        assert model["splits"] == splits and model["config"]["mix_supervised"] == mix
 
 
 def test_benchmark_data_default_is_relative_to_the_repo_root():

@@ -327,3 +327,29 @@ def test_spec_class_missing_from_the_labels_exits_2_and_writes_nothing(phantom_c
     assert [line for line in err if "error" in line] == [err[-1]]
     assert err[-1].startswith("supportforge: error:") and "class(es) 'pancreas' (raw value 9) appear in no label" in err[-1]
     assert not (tmp_path / "cache").exists() and not (tmp_path / "bad").exists()
+
+
+def test_setting_1_with_supervised_episodes_trains_one_base_per_class_group(phantom_dir, tmp_path):
+    """Supervised episodes in Setting 1: each class group's base segmenter learns from the other groups' labels
+    only (as in the few-shot benchmark), and each class is fine-tuned from its own group's base."""
+    cfg = _config(tmp_path, phantom_dir, name="sup", cache=tmp_path / "cache")
+    text = cfg.read_text().replace('classes = ["liver"]', 'classes = ["liver", "right_kidney"]')
+    text = text.replace("resolution = 32", "resolution = 64")  # the phantom's kidneys: >= 16 px on 3 slices
+    text = text.replace("batch = 2\n[generators.ddpm]", "batch = 2\nmix_supervised = 1.0\n[generators.ddpm]")
+    cfg.write_text(text.split("[[arms]]")[0] + '[[arms]]\nname = "real-only"\n[run]' + text.split("[run]")[1])
+    assert main(["run", str(cfg)]) == 0
+    records = json.loads((tmp_path / "sup" / "stages.json").read_text())["records"]
+    stages = tmp_path / "cache" / "stages"
+
+    def meta(stage: str, key: str) -> dict:
+        return json.loads((stages / stage / key / "config.json").read_text())
+
+    bases = {tuple(meta("segmenter", r["key"])["test_class_ids"]): meta("segmenter", r["key"])
+             for r in records if r["stage"] == "segmenter"}
+    assert sorted(bases) == [(1, 4), (2, 3)]  # (liver, spleen) and (right, left kidney): never their own labels
+    assert all(b["setting"] == 1 and "supervised" in b["episode_sources"] for b in bases.values())
+    for r in records:
+        if r["stage"] == "finetune":
+            base_key = Path(meta("finetune", r["key"])["base_checkpoint"]).parent.name
+            excluded = tuple(meta("segmenter", base_key)["test_class_ids"])
+            assert excluded == ((1, 4) if r["label"].endswith("liver") else (2, 3)), r["label"]

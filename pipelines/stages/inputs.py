@@ -14,10 +14,13 @@ if TYPE_CHECKING:  # torch loads inside the functions, so a fully cached run nev
     import torch
 
 
-def exclusion_sets(data: PreparedData, classes: tuple[str, ...], setting: int) -> dict[str, tuple[int, ...]]:
+def exclusion_sets(data: PreparedData, classes: tuple[str, ...], setting: int, *,
+                   supervised: bool) -> dict[str, tuple[int, ...]]:
     """Class -> the class ids training may not use as labels. Setting 1 pools every evaluated class, so
-    one model per fold serves them all; Setting 2 keeps one set per exclusion group (the OR rule)."""
-    if setting == 1:
+    one model per fold serves them all; Setting 2 keeps one set per exclusion group (the OR rule), and so
+    does Setting 1 when training reads `supervised` episodes: each group's model learns from the labels
+    of the other groups' classes, as in the few-shot benchmark."""
+    if setting == 1 and not supervised:
         pooled = tuple(sorted({i for c in classes for i in excluded_class_ids(data.spec, c, 1)}))
         return {c: pooled for c in classes}
     return {c: tuple(sorted(excluded_class_ids(data.spec, c, 2))) for c in classes}

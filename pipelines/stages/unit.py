@@ -104,7 +104,7 @@ def _synthesis(cfg, data, fold, seed, source, c, excluded, sp: Superpixels, sp_e
 def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, classes: tuple[str, ...],
              sp_entry: StageEntry, runner: StageRunner) -> tuple[list[dict], UnitArtifacts]:
     """Every stage of one (fold, seed) unit; returns its Dice rows and the artifacts for the report."""
-    excl = exclusion_sets(data, classes, cfg.protocol.setting)
+    excl = exclusion_sets(data, classes, cfg.protocol.setting, supervised=False)  # the sources'; bases may split below
     sp = superpixel_stage(cfg, data)
     # 1. synthetic pairs per source and class (generators first where a source needs one)
     synth = {(s, c): _synthesis(cfg, data, fold, seed, s, c, excl[c], sp, sp_entry, runner)
@@ -112,10 +112,12 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
     # 2. per model: base segmenter per exclusion set, fine-tuned per arm and class, then scored
     rows, evals, quality = [], [], []
     for model in cfg.models:
-        bases = {e: runner(Segmenter(config=segmenter_config(cfg, model, seed), data=data, fold=fold, excluded=e,
-                                     setting=cfg.protocol.setting, superpixels=sp_entry, cache_dir=cfg.run.cache))
-                 for e in sorted(set(excl.values()))}
-        base_of = {c: bases[excl[c]] for c in classes}
+        seg_cfg = segmenter_config(cfg, model, seed)
+        seg_excl = exclusion_sets(data, classes, cfg.protocol.setting, supervised=seg_cfg.mix_supervised > 0)
+        bases = {e: runner(Segmenter(config=seg_cfg, data=data, fold=fold, excluded=e, setting=cfg.protocol.setting,
+                                     superpixels=sp_entry, cache_dir=cfg.run.cache))
+                 for e in sorted(set(seg_excl.values()))}
+        base_of = {c: bases[seg_excl[c]] for c in classes}
         if model == cfg.models[0]:  # 3. quality of every synthetic set, judged by the first model's base segmenter
             quality += [runner(Quality(source=s, class_name=c, seed=seed, data=data, fold=fold, synthesis=entry,
                                        base=base_of[c])) for (s, c), entry in synth.items()]

@@ -175,7 +175,11 @@ def train_job(kind: str, setting: int, fold_index: int, names: tuple[str, ...], 
 
 def trained_seconds(ckpt: Path, default: float | None = None) -> float | None:
     """The training time a checkpoint records (a checkpoint reused from an earlier run keeps its own)."""
-    return read_checkpoint(ckpt).get("meta", {}).get("seconds_this_run", default)
+    return checkpoint_meta(ckpt).get("seconds_this_run", default)
+
+
+def checkpoint_meta(ckpt: Path) -> dict:
+    return read_checkpoint(ckpt).get("meta", {})
 
 
 def finetune_steps(kind: str, args) -> int:
@@ -230,6 +234,8 @@ def evaluate_model(kind: str, setting: int, args, data, folds, trained: dict) ->
     out = {"config": asdict(model_config(kind, args)), "self_support": rounds, "finetune_steps": steps,
            "splits": [list(s) for s in splits],
            "train_seconds": {f"fold{f}/{'+'.join(names)}": t for (f, names), (_, t, _) in trained.items()},
+           "episode_sources": {f"fold{f}/{'+'.join(names)}": checkpoint_meta(path).get("episode_sources")
+                               for (f, names), (path, _, _) in trained.items()},
            "finetune_seconds": {f"fold{f}/{key}": t for (f, _), (_, _, fts) in trained.items()
                                 for key, (_, t) in fts.items()}}
     for protocol in args.protocols:
@@ -292,6 +298,10 @@ def markdown(result: dict) -> str:
                   f"training {sum(res['train_seconds'].values()) / 60:.1f} min; test-time fine-tuning "
                   f"{res.get('finetune_steps', 0)} steps per class and protocol on its support slices, "
                   f"{sum(res.get('finetune_seconds', {}).values()) / 60:.1f} min", ""]
+        unsupervised = [k for k, v in res.get("episode_sources", {}).items() if v and "supervised" not in v]
+        if cfg["mix_supervised"] > 0 and unsupervised:
+            lines += [f"Trained without supervised episodes (too few slices of the other classes): "
+                      f"{', '.join(unsupervised)}.", ""]
         for protocol in PROTOCOLS:
             if protocol not in res:
                 continue

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -233,8 +234,17 @@ def training_sampler(config: SegmenterConfig, data, fold, *, test_class_ids: tup
                                  config.mix_superpixel)
     train_classes = tuple(c for c in range(1, len(names) + 1) if c not in excluded)
     if config.mix_supervised > 0 and train_classes:
-        sources["supervised"] = (SupervisedSampler(images, labels, train_classes, augment=augment, allowed=allowed,
-                                                   n_supports=config.n_supports), config.mix_supervised)
+        try:
+            sources["supervised"] = (SupervisedSampler(images, labels, train_classes, augment=augment,
+                                                       allowed=allowed, n_supports=config.n_supports),
+                                     config.mix_supervised)
+        except SegmentInputError as err:
+            # e.g. Setting 2 left too few slices of the other classes: train on the other episodes, and the
+            # checkpoint's `episode_sources` says so; with nothing else to train on, stop
+            if not sources and extra_pairs is None:
+                raise
+            warnings.warn(f"fold {fold.index}, test classes {list(test_class_ids)}: {err}; "
+                          f"training without supervised episodes", stacklevel=2)
     if extra_pairs is not None:
         sources["pairs"] = (PairSampler(*extra_pairs, augment=augment, n_supports=config.n_supports),
                             config.mix_pairs)

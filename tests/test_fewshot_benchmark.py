@@ -119,6 +119,8 @@ def test_fewshot_benchmark_runs_both_settings_on_card_mri(heart_dir, tmp_path):
                                        (1, "conditional", [["lv_myocardium", "lv_blood_pool", "rv"]], 0.0)):
         model = json.loads((out / f"segment_card_mri_setting{setting}.json").read_text())["models"][kind]
         assert model["splits"] == splits and model["config"]["mix_supervised"] == mix
+        sources = {("supervised" in v) for v in model["episode_sources"].values()}  # as each checkpoint records
+        assert sources == {mix > 0}
 
 
 def test_benchmark_data_default_is_relative_to_the_repo_root():

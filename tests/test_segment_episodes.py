@@ -76,9 +76,14 @@ def test_setting_2_drops_every_slice_of_the_test_group(phantom_data, fold):
     assert spx.slices
     for vid, z, _ in spx.slices:
         assert not np.isin(phantom_data.volume(vid).labels[z], (1, 4)).any()  # OR rule: no liver, no spleen
-    # on the phantom the kidneys always share slices with liver or spleen: nothing is left to supervise
+    # on the phantom the kidneys always share slices with liver or spleen: nothing is left to supervise, so
+    # the superpixel episodes train alone (and say so); without them there is nothing to train on
+    with pytest.warns(UserWarning, match=r"no training class among \[2, 3\].*training without supervised episodes"):
+        mixed = training_sampler(config(mix_supervised=1.0), phantom_data, fold, test_class_ids=(1,), setting=2)
+    assert mixed.names == ("superpixel",)
     with pytest.raises(SegmentInputError, match=r"no training class among \[2, 3\]"):
-        training_sampler(config(mix_supervised=1.0), phantom_data, fold, test_class_ids=(1,), setting=2)
+        training_sampler(config(mix_superpixel=0.0, mix_supervised=1.0), phantom_data, fold, test_class_ids=(1,),
+                         setting=2)
 
 
 def test_external_pairs_are_mixed_in(phantom_data, fold):

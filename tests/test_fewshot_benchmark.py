@@ -114,8 +114,8 @@ def test_fewshot_benchmark_runs_both_settings_on_card_mri(heart_dir, tmp_path):
     # the prototype net learns from supervised episodes of the other groups' labels, so it too is one model per
     # group; the conditional net, without them, is one model for every class.
     groups = [["lv_myocardium", "lv_blood_pool"], ["rv"]]
-    for setting, kind, splits, mix in ((2, "prototype", groups, 0.5), (2, "conditional", groups, 0.0),
-                                       (1, "prototype", groups, 0.5),
+    for setting, kind, splits, mix in ((2, "prototype", groups, 1.0), (2, "conditional", groups, 0.0),
+                                       (1, "prototype", groups, 1.0),
                                        (1, "conditional", [["lv_myocardium", "lv_blood_pool", "rv"]], 0.0)):
         model = json.loads((out / f"segment_card_mri_setting{setting}.json").read_text())["models"][kind]
         assert model["splits"] == splits and model["config"]["mix_supervised"] == mix

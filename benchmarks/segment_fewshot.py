@@ -139,16 +139,13 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def mix_supervised(kind: str, args) -> float:
-    return args.conditional_mix_supervised if kind == "conditional" else args.mix_supervised
-
-
 def model_config(kind: str, args) -> SegmenterConfig:
     steps = args.conditional_steps if (kind == "conditional" and args.conditional_steps) else args.steps
+    mix_supervised = args.conditional_mix_supervised if kind == "conditional" else args.mix_supervised
     overrides = {**parse_overrides(args.set), **(parse_overrides(args.conditional_set) if kind == "conditional" else {})}
     return SegmenterConfig.from_dict({**asdict(SegmenterConfig()), **dict(
         model=kind, resolution=args.resolution, steps=steps, batch=args.batch, width=args.width, lr=args.lr,
-        seed=args.seed, mix_superpixel=args.mix_superpixel, mix_supervised=mix_supervised(kind, args),
+        seed=args.seed, mix_superpixel=args.mix_superpixel, mix_supervised=mix_supervised,
         checkpoint_every=250), **overrides})
 
 
@@ -230,9 +227,9 @@ def evaluate_model(kind: str, setting: int, args, data, folds, trained: dict) ->
             return make_predictor(load(path), self_support=rounds)  # probabilities; the evaluator post-processes
         return make
 
-    steps = finetune_steps(kind, args)
-    splits = class_splits(data.spec, setting, args.split, mix_supervised(kind, args) > 0)
-    out = {"config": asdict(model_config(kind, args)), "self_support": rounds, "finetune_steps": steps,
+    steps, cfg = finetune_steps(kind, args), model_config(kind, args)
+    splits = class_splits(data.spec, setting, args.split, cfg.mix_supervised > 0)  # as the config trained them
+    out = {"config": asdict(cfg), "self_support": rounds, "finetune_steps": steps,
            "splits": [list(s) for s in splits],
            "train_seconds": {f"fold{f}/{'+'.join(names)}": t for (f, names), (_, t, _) in trained.items()},
            "episode_sources": {f"fold{f}/{'+'.join(names)}": checkpoint_meta(path).get("episode_sources")
@@ -355,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict[int, dict]:
     torch.set_num_threads(args.threads)
     # 1. train every (model, setting, fold, class split)
     tasks = [(kind, s, f.index, names) for s in args.setting for f in folds for kind in args.models
-             for names in class_splits(spec, s, args.split, mix_supervised(kind, args) > 0)]
+             for names in class_splits(spec, s, args.split, model_config(kind, args).mix_supervised > 0)]
     # 2. as soon as every model of a setting is trained, evaluate it under EP1 and EP2 in this process
     pending = {s: {t for t in tasks if t[1] == s} for s in args.setting}
     trained, results = {}, {}

@@ -204,6 +204,35 @@ class LearnedConfig:
 
 
 @dataclass(frozen=True)
+class PropagatedConfig:
+    """The propagated source (`augment.propagated`): unlabelled slices of the support volume at `offsets` from
+    each support slice, with the support mask carried there by TV-L1 optical flow, slice by slice. It trains
+    no model; every field but the runner's is read when pairs are made. The defaults were chosen on the label
+    accuracy of the propagation on fold 0's training volumes (labels read for that measurement only,
+    `benchmarks/augment_propagated.py`, results in benchmarks/results/augment_propagated.md), never on test Dice."""
+    resolution: int = 128
+    # every distance whose passing candidates are >= 85 % right on CHAOS fold 0's training volumes (91.3 / 89.1 /
+    # 86.2 % at 1 / 2 / 3 slices, against 85.6 / 78.1 / 70.5 % for the support mask copied); nearest are used first
+    offsets: tuple[int, ...] = (1, 2, 3)
+    # share of folded pixels where the label lies. TV-L1 is not diffeomorphic: 1-3 % of them fold (median) and on
+    # the training volumes folding did not predict label accuracy, so this bound drops only grossly folded flows
+    max_folded_share: float = 0.1
+    min_area_ratio: float = 0.5
+    max_area_ratio: float = 2.0
+    min_fragment_px: int = 12
+    seed: int = 0
+    cpu: bool = True
+
+    def __post_init__(self):
+        if not self.offsets or min(self.offsets) < 1 or len(set(self.offsets)) != len(self.offsets):
+            raise ValueError(f"PropagatedConfig.offsets={self.offsets} must be distinct slice distances >= 1")
+        if not 0 <= self.max_folded_share <= 1 or not 0 < self.min_area_ratio <= 1 <= self.max_area_ratio:
+            raise ValueError(f"PropagatedConfig needs max_folded_share in [0, 1] and 0 < min_area_ratio <= 1 <= "
+                             f"max_area_ratio, got {self.max_folded_share}, {self.min_area_ratio}, "
+                             f"{self.max_area_ratio}")
+
+
+@dataclass(frozen=True)
 class OracleConfig:
     """The oracle source (`augment.oracle`, diagnostic only): real training slices with their TRUE labels at
     the EP1 relative positions. It has nothing to set; the runner sets these fields."""

@@ -281,8 +281,9 @@ def compose_affine(aff: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return aff + r[:, :, None, None] * u
 
 
-def folded_share(ddf: torch.Tensor) -> float:
-    """Share of pixels where the map p -> p + ddf(p) folds: Jacobian determinant <= 0 (central differences).
+def folded_share(ddf: torch.Tensor, region: np.ndarray | None = None) -> float:
+    """Share of pixels (of `region` `(H, W)` bool, default all) where the map p -> p + ddf(p) folds: Jacobian
+    determinant <= 0 (central differences).
 
     MONAI has no Jacobian-determinant measure for a displacement field, so it is computed here.
     """
@@ -290,7 +291,8 @@ def folded_share(ddf: torch.Tensor) -> float:
     dy_dy, dy_dx = np.gradient(d[0])
     dx_dy, dx_dx = np.gradient(d[1])
     det = (1 + dy_dy) * (1 + dx_dx) - dy_dx * dx_dy
-    return float((det <= 0).mean())
+    folded = det <= 0
+    return float(folded.mean() if region is None else folded[region].mean() if region.any() else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from augment.config import FINETUNE_ON, DDPMConfig, GANConfig, LearnedConfig, OracleConfig, SDEditConfig
+from augment.config import (FINETUNE_ON, DDPMConfig, GANConfig, LearnedConfig, OracleConfig, PropagatedConfig,
+                            SDEditConfig)
 
 CLASSICAL = "classical"  # the one source that learns nothing: support image and mask deformed together
 CHECKPOINT_FILE = "checkpoint.pt"  # a trained source's weights in its folder: the entry point callers name
@@ -124,6 +125,9 @@ VOLUME_SOURCES: dict[str, VolumeSource] = {
                             pair_fields=("z_window", "max_folded_share", "min_similarity", "min_area_ratio",
                                          "max_area_ratio", "min_fragment_px", "appearance",
                                          "appearance_regions")),
+    "propagated": VolumeSource("propagated", PropagatedConfig, "augment.propagated", trains=False,
+                               pair_fields=("offsets", "max_folded_share", "min_area_ratio", "max_area_ratio",
+                                            "min_fragment_px"), needs_section=False),
     "oracle": VolumeSource("oracle", OracleConfig, "augment.oracle", trains=False, reads_labels=True,
                            needs_section=False),
 }

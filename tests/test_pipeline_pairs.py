@@ -208,3 +208,22 @@ def test_finetune_draws_the_synthetic_share_of_episodes_from_the_synthetic_pairs
     assert [len(s.images) for s in sampler.samplers] == [3, 9]  # real and synthetic sampled separately
     with pytest.raises(SegmentInputError, match=r"synthetic_share = 0.5 needs synthetic pairs and a value in \[0, 1\)"):
         seg_train.finetune(base, *real, out_dir=tmp_path / "ft2", steps=2, synthetic_share=0.5)
+
+
+def test_propagated_arm_needs_no_section_and_pairs_the_support_volume_s_own_slices(phantom_copy, tmp_path):
+    arms = PAIRS.split("[[arms]]")[0] + ('[[arms]]\nname = "real-only"\nrole = "baseline"\n[[arms]]\n'
+                                         'name = "propagated"\nsources = ["propagated"]\n') + PAIRS[PAIRS.index("[run]"):]
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(arms.format(data=phantom_copy, out=tmp_path / "p", cache=tmp_path / "cache", diagnostic="false",
+                               learned=""))
+    assert main(["run", str(cfg)]) == 0
+    results = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert {r["arm"]: (r["role"], r["synthetic_pairs"]) for r in results["rows"]} == {
+        "real-only": ("baseline", None), "propagated": ("augmented", 3)}
+    manifest = json.loads(next((tmp_path / "cache" / "stages").glob("synthesis/*/set/manifest.json")).read_text())
+    support = {s["volume"] for s in manifest["support"]}
+    assert manifest["generator"] == "propagated" and len(support) == 1
+    assert {r["volume"] for r in manifest["training"]["derived"]} == support   # no training or query volume
+    supports = {s["slice"] for s in manifest["support"]}
+    assert all(p["slice"] not in supports and 1 <= abs(p["offset"]) <= 2 for p in manifest["pairs"])
+    assert not list((tmp_path / "cache" / "stages").glob("source-train/*"))     # it trains no model

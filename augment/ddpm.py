@@ -27,7 +27,7 @@ from augment.config import PREDICTIONS, PRECISIONS, SAMPLERS, DDPMConfig  # noqa
 from augment.manifest import Provenance
 from augment.pairs import as_pairs, check_masks
 from augment.training import (check_resolution, load_checkpoint, make_accelerator, prepare_training_data,
-                              run_steps, save_on_main, seeded_batches, set_lr)
+                              run_steps, sample_device, save_on_main, seeded_batches, set_lr)
 
 KIND = "ddpm"
 
@@ -164,13 +164,16 @@ def load(checkpoint: Path | dict, *, resolution: int | None = None) -> tuple[UNe
 
 @torch.no_grad()
 def sample(checkpoint: Path | dict, masks, *, seed: int, steps: int | None = None, sampler: str | None = None,
-           batch_size: int | None = None, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+           batch_size: int | None = None,
+           device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Images `(N, 1, R, R)` for `masks` `(N, 1, R, R)`; returns `(images, masks)`.
 
     Conditional mode returns the given masks; joint mode ignores their content (only N is used) and returns
-    the sampled masks thresholded at 0. `steps`/`sampler` default to the config's few-step sampler.
+    the sampled masks thresholded at 0. `steps`/`sampler` default to the config's few-step sampler. `device`
+    None: the GPU if the checkpoint was trained with cpu = false and there is one (`sample_device`).
     """
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, kind=KIND)
+    device = sample_device(ckpt, device)
     res = ckpt["config"]["resolution"]
     m = check_masks(masks, "masks")
     check_resolution(ckpt, *m.shape[-2:])
@@ -215,7 +218,7 @@ def sdedit_steps(steps: int, strength: float) -> int:
 @torch.no_grad()
 def sdedit(checkpoint: Path | dict, images, masks, *, strength: float, seed: int, steps: int | None = None,
            sampler: str | None = None, batch_size: int | None = None,
-           device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+           device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SDEdit (Meng et al. 2022): each image `(N, 1, R, R)` noised to `strength` of the trajectory and denoised
     for its mask, which is kept; returns `(images, masks)`.
 
@@ -224,6 +227,7 @@ def sdedit(checkpoint: Path | dict, images, masks, *, strength: float, seed: int
     equals `sample` with the same seed. A joint DDPM (which would redraw the mask) is refused.
     """
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, kind=KIND)
+    device = sample_device(ckpt, device)  # None: as in `sample`
     x0, m = as_pairs((images, masks), "sdedit pairs")
     check_resolution(ckpt, *m.shape[-2:])
     if ckpt["config"].get("joint"):

@@ -19,7 +19,7 @@ from augment.config import GANConfig  # noqa: F401 (re-exported)
 from augment.manifest import Provenance
 from augment.pairs import check_masks
 from augment.training import (check_resolution, load_checkpoint, make_accelerator, prepare_training_data,
-                              run_steps, save_on_main, seeded_batches, set_lr)
+                              run_steps, sample_device, save_on_main, seeded_batches, set_lr)
 
 KIND = "gan"
 
@@ -195,12 +195,14 @@ def load(checkpoint: Path | dict, *, resolution: int | None = None) -> tuple[Gen
 
 @torch.no_grad()
 def sample(checkpoint: Path | dict, masks, *, seed: int, steps: int | None = None, batch_size: int = 32,
-           device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+           device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Images `(N, 1, R, R)` for `masks` `(N, 1, R, R)`; returns `(images, masks)` like `ddpm.sample`.
 
-    `steps` is accepted for a common signature and ignored (one forward pass per batch).
+    `steps` is accepted for a common signature and ignored (one forward pass per batch). `device` None: the GPU
+    if the checkpoint was trained with cpu = false and there is one (`augment.training.sample_device`).
     """
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, kind=KIND)
+    device = sample_device(ckpt, device)
     m = check_masks(masks, "masks")
     check_resolution(ckpt, *m.shape[-2:])
     gen, config, _ = load(ckpt)

@@ -37,9 +37,10 @@ def registration_config(config: LearnedConfig) -> RegistrationConfig:
 
 def train(config: LearnedConfig, *, volumes: Mapping[str, np.ndarray], fold: int, query_volumes: Sequence[str],
           out_dir: Path) -> Path:
-    """The fold's registration model from `volumes` {id: `(Z, H, W)` image}; images only, never labels."""
+    """The fold's registration model from `volumes` {id: `(Z, H, W)` image}; images only, never labels.
+    Trained on the GPU when `config.cpu` is false and there is one (as the generators and segmenters are)."""
     return train_registration(volumes, registration_config(config), out_dir, fold=fold,
-                              query_volumes=tuple(map(str, query_volumes)))
+                              query_volumes=tuple(map(str, query_volumes)), cpu=config.cpu)
 
 
 def _load(checkpoint: Path, resolution: int, where: str) -> tuple[RegistrationModel, dict]:

@@ -323,11 +323,14 @@ def _training_pool(model: RegistrationModel, volumes: Mapping[str, torch.Tensor]
 
 
 def train_registration(volumes: Mapping[str, np.ndarray], config: RegistrationConfig, out_dir: str | Path, *,
-                       fold: int, query_volumes: tuple[str, ...] = ()) -> Path:
+                       fold: int, query_volumes: tuple[str, ...] = (), cpu: bool = True) -> Path:
     """Train the deformable step on unlabelled `volumes` {id: `(Z, H, W)` float32} (images only, never labels).
 
     Writes `out_dir/checkpoint.pt` + `config.json` and returns the first. A volume among `query_volumes`
     raises `LeakageError`; a volume at another resolution raises `PairError`; nothing is written then.
+    `cpu` is accelerate's flag, as for the generators: false trains the network on the GPU when there is one
+    (the slice pool is matched on the CPU either way, and the random draws come from the same CPU generator).
+    It must match the process's other accelerators: accelerate refuses `cpu=True` once one has taken a GPU.
     """
     if len(volumes) < 2:
         raise PairError(f"registration needs at least 2 unlabelled volumes, got {len(volumes)}")
@@ -348,15 +351,19 @@ def train_registration(volumes: Mapping[str, np.ndarray], config: RegistrationCo
     # 1. matched slice pairs, affinely pre-aligned
     moving, fixed, _ = _training_pool(model, vols, gen)              # (P, 1, H, W) each
     pool_seconds = time.time() - t0
-    # 2. LNCC + bending energy, Adam
+    # 2. LNCC + bending energy, Adam, on accelerate's device for the `cpu` flag
+    accelerator = make_accelerator(cpu=cpu, mixed_precision="no")
+    device = accelerator.device
+    model.to(device)
+    moving, fixed = moving.to(device), fixed.to(device)
     lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=2, kernel_size=config.lncc_kernel)
     bending = BendingEnergyLoss()
     opt = torch.optim.Adam(model.net.parameters(), lr=config.lr)
     model.train()
     history = []
     for _ in range(config.steps):
-        idx = torch.randint(len(moving), (config.batch_size,), generator=gen)
-        flip = torch.rand(config.batch_size, generator=gen) < 0.5    # either direction of a pair
+        idx = torch.randint(len(moving), (config.batch_size,), generator=gen).to(device)
+        flip = (torch.rand(config.batch_size, generator=gen) < 0.5).to(device)    # either direction of a pair
         m = torch.where(flip[:, None, None, None], fixed[idx], moving[idx])
         f = torch.where(flip[:, None, None, None], moving[idx], fixed[idx])
         warped, ddf = model.net(m, f)
@@ -366,11 +373,11 @@ def train_registration(volumes: Mapping[str, np.ndarray], config: RegistrationCo
         loss.backward()
         opt.step()
         history.append({"lncc": -sim.item(), "bending": smooth.item()})
-    # 3. the checkpoint: tensors + config.json (augment.training's format)
-    accelerator = make_accelerator(cpu=True, mixed_precision="no")
+    # 3. the checkpoint: tensors (on the CPU) + config.json (augment.training's format)
     provenance = dataclasses.replace(provenance, extra={"pool_seconds": round(pool_seconds, 1),
                                                         "train_seconds": round(time.time() - t0 - pool_seconds, 1)})
-    return save_checkpoint(Path(out_dir), kind=KIND, config=config, state={"net": model.net.state_dict()},
+    state = {"net": {k: v.detach().cpu() for k, v in model.net.state_dict().items()}}
+    return save_checkpoint(Path(out_dir), kind=KIND, config=config, state=state,
                            provenance=provenance, history={"train": history}, accelerator=accelerator)
 
 

@@ -44,6 +44,16 @@ def make_accelerator(*, cpu: bool, mixed_precision: str) -> Accelerator:
     return Accelerator(cpu=use_cpu, mixed_precision="no" if use_cpu else mixed_precision)
 
 
+def sample_device(ckpt: dict, device: torch.device | str | None = None) -> torch.device:
+    """Where a generator samples: `device` when given; otherwise the GPU when the checkpoint's config was trained
+    with `cpu = false` and this process has one (the choice `make_accelerator` makes for training), else the CPU.
+    The starting noise is drawn on the CPU either way, so a seed gives the same noise on both."""
+    if device is not None:
+        return torch.device(device)
+    use_cpu = ckpt["config"].get("cpu", True) or not torch.cuda.is_available()
+    return torch.device("cpu" if use_cpu else "cuda")
+
+
 def seeded_batches(images: torch.Tensor, masks: torch.Tensor, *, batch_size: int, seed: int,
                    device: torch.device, process_index: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless random batches `(B, 1, H, W)` drawn with replacement, so 3 support pairs still fill a batch.
@@ -233,6 +243,6 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-__all__ = ["CheckpointError", "LeakageError", "PairError", "make_accelerator", "seeded_batches", "run_steps", "set_lr",
-           "prepare_training_data", "save_checkpoint", "load_checkpoint", "check_resolution", "file_hash",
-           "CHECKPOINT_FILE", "META_FILE"]
+__all__ = ["CheckpointError", "LeakageError", "PairError", "make_accelerator", "sample_device", "seeded_batches",
+           "run_steps", "set_lr", "prepare_training_data", "save_checkpoint", "load_checkpoint", "check_resolution",
+           "file_hash", "CHECKPOINT_FILE", "META_FILE"]

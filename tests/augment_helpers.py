@@ -6,8 +6,18 @@ import numpy as np
 from augment.ddpm import DDPMConfig
 from augment.gan import GANConfig
 from augment.manifest import Provenance, refs
+from segment.data.phantom import phantom_volume
 
 RES = 32
+
+
+def phantom_volumes(n: int = 3, res: int = RES, depth: int = 8) -> dict[str, np.ndarray]:
+    """Volumes "1".."n" of the phantom `(depth, res, res)`, z-scored: unlabelled images for registration."""
+    out = {}
+    for i in range(1, n + 1):
+        image, _ = phantom_volume(0, i, size=res, depth=depth)
+        out[str(i)] = ((image - image.mean()) / image.std()).astype(np.float32)
+    return out
 
 
 def ellipse_masks(n: int, res: int = RES, seed: int = 0) -> np.ndarray:

@@ -3,7 +3,6 @@ config's flag like the generators (accelerate refuses `cpu=True` in a process wh
 GPU, which a hard-coded flag did on every GPU unit), and the generators sample on the GPU they trained for."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,17 +10,9 @@ import augment.learned as learned
 import augment.registration as registration
 from augment.config import LearnedConfig
 from augment.training import load_checkpoint, make_accelerator, sample_device
-from segment.data.phantom import phantom_volume
+from augment_helpers import phantom_volumes
 
 RES = 32
-
-
-def _volumes(n: int = 3) -> dict[str, np.ndarray]:
-    out = {}
-    for i in range(1, n + 1):
-        image, _ = phantom_volume(0, i, size=RES, depth=8)
-        out[str(i)] = ((image - image.mean()) / image.std()).astype(np.float32)
-    return out
 
 
 @pytest.mark.parametrize("cpu", [True, False])
@@ -36,7 +27,7 @@ def test_registration_asks_accelerate_with_the_configs_cpu_flag(tmp_path, monkey
     torch.set_num_threads(1)
     config = LearnedConfig(resolution=RES, channels=(4, 8, 8, 8), final_channels=(4,), steps=2, batch_size=2,
                            pool_size=4, cpu=cpu)
-    path = learned.train(config, volumes=_volumes(), fold=0, query_volumes=("9",), out_dir=tmp_path / "reg")
+    path = learned.train(config, volumes=phantom_volumes(), fold=0, query_volumes=("9",), out_dir=tmp_path / "reg")
     assert flags == [cpu]  # one accelerator, with the config's flag (never a hard-coded cpu=True)
     ckpt = load_checkpoint(path, kind=registration.KIND)
     assert all(t.device.type == "cpu" for t in ckpt["state"]["net"].values())  # weights saved from the CPU

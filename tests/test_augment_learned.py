@@ -17,19 +17,12 @@ from augment.registration import (Registration, RegistrationConfig, Registration
 from augment.warped_pairs import PairChecks, learned_pairs, oracle_pairs, pair_problem, warp_pair
 from segment.data.phantom import phantom_volume
 from segment.data.protocol import ep1_support_indices
+from augment_helpers import phantom_volumes
 from files import snapshot
 
 RES = 32
 TINY = RegistrationConfig(resolution=RES, channels=(4, 8, 8, 8), final_channels=(4,), steps=2, batch_size=2,
                           pool_size=4, lncc_kernel=5)
-
-
-def _volumes(n: int = 3) -> dict[str, np.ndarray]:
-    out = {}
-    for i in range(1, n + 1):
-        image, _ = phantom_volume(0, i, size=RES, depth=8)
-        out[str(i)] = ((image - image.mean()) / image.std()).astype(np.float32)
-    return out
 
 
 def _square_mask(top: int, left: int, size: int = 8) -> torch.Tensor:
@@ -61,7 +54,7 @@ class FixedRegistration(RegistrationModel):
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("registration")
     torch.set_num_threads(1)
-    vols = _volumes()
+    vols = phantom_volumes()
     return train_registration(vols, TINY, out, fold=0, query_volumes=("9",)), vols
 
 
@@ -96,7 +89,7 @@ def test_other_resolution_fails_in_one_line_naming_it(trained):
 
 def test_training_on_a_query_volume_is_refused_and_writes_nothing(tmp_path):
     with pytest.raises(LeakageError, match=r"query volumes \['2'\]"):
-        train_registration(_volumes(2), TINY, tmp_path / "reg", fold=0, query_volumes=("2",))
+        train_registration(phantom_volumes(2), TINY, tmp_path / "reg", fold=0, query_volumes=("2",))
     assert not (tmp_path / "reg").exists()
 
 

@@ -14,6 +14,7 @@ from augment.registry import VOLUME_SOURCES
 from augment.warped_pairs import PairChecks
 from segment.data.phantom import phantom_volume
 from segment.data.protocol import ep1_support_indices
+from files import benchmark_module
 
 RES, DEPTH, LIVER = 48, 16, 1
 CHECKS = PairChecks(max_folded_share=PropagatedConfig().max_folded_share)
@@ -118,12 +119,7 @@ def test_bad_offsets_are_refused(offsets):
 
 
 def test_benchmark_measures_label_accuracy_per_offset_on_training_volumes_only(tmp_path):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "augment_propagated.py"
-    spec = importlib.util.spec_from_file_location("augment_propagated_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_module("augment_propagated")
     result = bench.main(["--phantom", "--out", str(tmp_path), "--max-offset", "2"])
     assert set(result["all"]) == {1, 2}
     near, far = result["all"][1], result["all"][2]

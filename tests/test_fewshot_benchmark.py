@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from segment.data.protocol import evaluate, make_folds, oracle_predictor
 from segment.data.slices import prepare
 from segment.data.volumes import load_spec
 from segment.train import read_checkpoint
+from files import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,15 +74,8 @@ def test_card_mri_oracle_scores_one_on_the_native_grid(heart_dir, tmp_path):
         assert set(res["per_class"]) == {"lv_myocardium", "lv_blood_pool", "rv"}
 
 
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("segment_fewshot", ROOT / "benchmarks" / "segment_fewshot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_fewshot_benchmark_runs_both_settings_on_card_mri(heart_dir, tmp_path):
-    bench = _benchmark()
+    bench = benchmark_module("segment_fewshot")
     out = tmp_path / "results"
     results = bench.main(["--spec", "card_mri", "--data", str(heart_dir), "--setting", "1", "2", "--folds", "0",
                           "--steps", "2", "--conditional-steps", "2", "--width", "4", "--batch", "1",
@@ -124,7 +117,7 @@ def test_fewshot_benchmark_runs_both_settings_on_card_mri(heart_dir, tmp_path):
 
 
 def test_benchmark_data_default_is_relative_to_the_repo_root():
-    args = _benchmark().parse_args([])
+    args = benchmark_module("segment_fewshot").parse_args([])
     assert Path(args.data) == (ROOT / ".." / "shared" / "data" / "chaos_t2").resolve()
     assert args.spec == "abd_mri" and args.setting == [1, 2]
 

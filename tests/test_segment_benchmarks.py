@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from files import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def fewshot():
-    return _module("segment_fewshot")
+    return benchmark_module("segment_fewshot")
 
 
 def test_overrides_are_typed_and_apply_per_model(fewshot):
@@ -52,7 +43,7 @@ def test_override_values_are_still_validated(fewshot):
 
 
 def test_flops_benchmark_counts_and_times_a_tiny_model(tmp_path):
-    flops = _module("segment_flops")
+    flops = benchmark_module("segment_flops")
     out = tmp_path / "flops.json"
     result = flops.main(["--sizes", "prototype:4:2:32:fused", "conditional:4:2:32:positional", "--steps", "1", "--repeats", "1",
                          "--mm-size", "128", "--out", str(out)])
@@ -71,7 +62,7 @@ def test_flops_benchmark_counts_and_times_a_tiny_model(tmp_path):
 
 
 def test_curve_scores_each_stop_of_one_run(phantom_dir, tmp_path):
-    curve = _module("segment_curve")
+    curve = benchmark_module("segment_curve")
     result = curve.main(["--spec", str(phantom_dir / "dataset.toml"), "--data", str(phantom_dir), "--fold", "0",
                          "--steps", "4", "--every", "2", "--set", "resolution=32", "width=4", "dilated_blocks=1",
                          "embed_dim=8", "batch=1", "warmup=1", "--cache", str(tmp_path / "cache"),

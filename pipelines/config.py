@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from augment.registry import CLASSICAL, GENERATORS, REFINERS, VOLUME_SOURCES  # torch-free: the models load only to train or sample
-from segment.config import MODELS, PROTOCOLS, RESOLUTIONS, SETTINGS  # torch-free: loading a config imports no torch
+from segment.config import MODELS, PROTOCOLS, RESOLUTIONS, SCORE_ON, SETTINGS  # torch-free: loading a config imports no torch
 ROLES = ("baseline", "control", "augmented", "diagnostic")  # what an arm is for in the tests; its name is a label
 
 
@@ -93,8 +93,13 @@ class ProtocolConfig:
     seeds: tuple[int, ...] = (0,)
     diagnostic: bool = False  # a diagnostic run: arms with role = "diagnostic" (e.g. an oracle) are allowed
     postprocess: bool = True  # unused: evaluation rows always carry dice (headline, none) and dice_post (per-volume 3D LCC)
+    # "queries": the folds' query volumes (the verdict). "training": the folds' training volumes, a validation run
+    # for choosing settings without the query volumes' Dice; their labels only score, they never enter a model
+    score_on: str = "queries"
 
     def __post_init__(self) -> None:
+        if self.score_on not in SCORE_ON:
+            raise ConfigError(f"[protocol] score_on = {self.score_on!r}; valid values are {list(SCORE_ON)}")
         if self.setting not in SETTINGS:
             raise ConfigError(f"[protocol] setting = {self.setting!r}; valid values are {list(SETTINGS)}")
         bad = [p for p in self.protocols if p not in PROTOCOLS]
@@ -236,7 +241,7 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         _no_repeats("models", self.models)
         check_roles(self.arms, diagnostic=self.protocol.diagnostic)
-        check_label_sources(self.arms)
+        check_label_sources(self.arms, score_on=self.protocol.score_on)
         if self.data.path is None:
             return
         data = Path(self.data.path).resolve()
@@ -436,10 +441,15 @@ def check_roles(arms: tuple[Arm, ...], *, diagnostic: bool) -> None:
                           f"[protocol] diagnostic = true, or give them another role")
 
 
-def check_label_sources(arms: tuple[Arm, ...]) -> None:
-    """A source that reads the training volumes' true labels (the oracle) only in a diagnostic arm."""
+def check_label_sources(arms: tuple[Arm, ...], *, score_on: str = "queries") -> None:
+    """A source that reads the training volumes' true labels (the oracle) only in a diagnostic arm, and never
+    in a run scored on those training volumes (it would be scored on the labels it was tuned on)."""
     for arm in arms:
         labelled = [s for s in arm.sources if s in VOLUME_SOURCES and VOLUME_SOURCES[s].reads_labels]
+        if labelled and score_on == "training":
+            raise ConfigError(f"[arms.{arm.name}] sources = {list(arm.sources)}: {labelled} read the training "
+                              f"volumes' true labels, and [protocol] score_on = \"training\" scores those volumes; "
+                              f"drop the arm from the validation run")
         if labelled and arm.role != "diagnostic":
             raise ConfigError(f"[arms.{arm.name}] sources = {list(arm.sources)} with role = {arm.role!r}: {labelled} "
                               f"read the training volumes' true labels, which Setting 1 forbids; such an arm needs "

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from pipelines.config import ROLES  # noqa: E402
 from pipelines.stats import ALL, arm_roles, gap_closed, paired_tests, summarise  # noqa: E402
-from segment.config import GRIDS  # noqa: E402
+from segment.config import GRIDS, SCORE_ON  # noqa: E402
 from segment.data.volumes import DataError  # noqa: E402
 
 REQUIRED_ROW_FIELDS = ("protocol", "model", "arm", "role", "class", "fold", "seed", "query", "dice")
@@ -178,16 +178,23 @@ class DiceScoring:
 
     grid: str  # "native" (the label file's in-plane grid) or "working" (the resized slices)
     postprocess: bool  # whether the largest-3D-component step ran before scoring
+    score_on: str = "queries"  # "training": a validation run, scored on the folds' training volumes
 
     def __post_init__(self) -> None:
         if self.grid not in GRIDS:
             raise ValueError(f"dice_grid = {self.grid!r}; expected one of {list(GRIDS)}")
+        if self.score_on not in SCORE_ON:
+            raise ValueError(f"score_on = {self.score_on!r}; expected one of {list(SCORE_ON)}")
 
     def line(self, has_post: bool) -> str:
         step = "with" if self.postprocess else "without"
         post = (" A second column gives Dice with the largest-3D-component step per query volume."
                 if has_post else "")
-        return f"Dice is scored on the {self.grid} label grid, {step} post-processing (headline).{post}"
+        validation = ("**Validation run:** the folds' training volumes are scored, not their query volumes (their "
+                      "test-class labels only score; no model reads them). Use it to choose settings; it is never "
+                      "the verdict, and 'query' below means a training volume.\n\n" if self.score_on == "training"
+                      else "")
+        return f"{validation}Dice is scored on the {self.grid} label grid, {step} post-processing (headline).{post}"
 
 
 def _unit_paragraph(n_tests: int) -> list[str]:
@@ -252,7 +259,8 @@ def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict
         lines += _quality_table(quality, filter_dice) + [""]
     lines += ["## Figures", ""] + [f"![{cap}]({name})" for cap, name in figures.items()] + [""]
     lines += ["## Run", "", "```json", json.dumps(json_safe(context), indent=2, default=str), "```", ""]
-    results = {"title": title, "dice_grid": scoring.grid, "postprocess": scoring.postprocess, "quality_filter_dice": filter_dice,
+    results = {"title": title, "dice_grid": scoring.grid, "postprocess": scoring.postprocess,
+               "score_on": scoring.score_on, "quality_filter_dice": filter_dice,
                "context": context, "summary": summary, "tests": tests, "ceiling": list(ceiling), "notes": notes,
                "quality": quality, "rows": rows}
     text = json.dumps(json_safe(results), indent=2, default=str, allow_nan=False)
@@ -300,6 +308,8 @@ def load_results(path: Path) -> dict:
         raise DataError(f"{path}: no field 'dice_grid' (an older results format?); expected one of {list(GRIDS)}")
     if results["dice_grid"] not in GRIDS:
         raise DataError(f"{path}: dice_grid = {results['dice_grid']!r}; expected one of {list(GRIDS)}")
+    if results.get("score_on", "queries") not in SCORE_ON:
+        raise DataError(f"{path}: score_on = {results['score_on']!r}; expected one of {list(SCORE_ON)}")
     if not isinstance(results.get("postprocess"), bool):
         raise DataError(f"{path}: postprocess = {results.get('postprocess')!r}; expected true or false "
                         "(an older results format?)")
@@ -336,6 +346,7 @@ def rebuild(results_path: Path, out: Path, *, seed: int = 0) -> Path:
     build_report(out, title=str(title),
                  rows=results["rows"], arms=[a for a in config_arms if a], context=context,
                  quality=results.get("quality") or [], figures=figures, seed=seed,
-                 scoring=DiceScoring(results["dice_grid"], results["postprocess"]),
+                 scoring=DiceScoring(results["dice_grid"], results["postprocess"],
+                                     results.get("score_on", "queries")),
                  filter_dice=results.get("quality_filter_dice", 0.5))
     return out / "report.md"

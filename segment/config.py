@@ -11,6 +11,7 @@ MODELS = ("prototype", "conditional")
 SETTINGS = (1, 2)
 PROTOCOLS = ("EP1", "EP2")
 GRIDS = ("native", "working")  # where Dice is scored: the label files' grid or the working one
+SCORE_ON = ("queries", "training")  # which volumes of a fold are scored: the verdict's, or a validation run's
 # Working resolutions: multiples of 8 (the encoders halve the map up to 3 times) from 16 to 1024 px.
 RESOLUTIONS = range(16, 1025, 8)
 

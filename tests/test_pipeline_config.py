@@ -29,6 +29,7 @@ def test_parse_gives_typed_frozen_config():
     (_raw(data={"path": "x", "resolutoin": 64}), r"\[data\] unknown key\(s\) \['resolutoin'\]; valid keys are .*'resolution'"),
     (_raw(data={"path": "x", "resolution": "big"}), r"\[data\] resolution = 'big'; expected int"),
     (_raw(protocol={"setting": 3}), r"\[protocol\] setting = 3; valid values are \[1, 2\]"),
+    (_raw(protocol={"score_on": "test"}), r"\[protocol\] score_on = 'test'; valid values are \['queries', 'training'\]"),
     (_raw(protocol={"protocols": ["EP3"]}), r"protocols = \['EP3'\]; choose from \['EP1', 'EP2'\]"),
     (_raw(models=["unet"]), r"models = \['unet'\]; choose from \['prototype', 'conditional'\]"),
     (_raw(arms=[{"name": "real-only"}, {"name": "vae", "sources": ["vae"]}]),

@@ -135,6 +135,9 @@ def test_learned_set_records_its_volumes_and_checks_and_oracle_its_true_slices(p
     ("false", "diagnostic", r"arms \['oracle'\] have role = \"diagnostic\" outside a diagnostic run"),
     ("true", "augmented", r"\[arms.oracle\] sources = \['oracle'\] with role = 'augmented': \['oracle'\] read the "
                           r"training volumes' true labels, which Setting 1 forbids"),
+    ('true\nscore_on = "training"', "diagnostic",
+     r"\[arms.oracle\] sources = \['oracle'\]: \['oracle'\] read the training volumes' true labels, and \[protocol\] "
+     r"score_on = \"training\" scores those volumes; drop the arm from the validation run"),
 ])
 def test_an_oracle_arm_outside_a_diagnostic_arm_and_run_stops_at_config_time(phantom_copy, tmp_path, capsys,
                                                                              diagnostic, role, message):
@@ -227,3 +230,30 @@ def test_propagated_arm_needs_no_section_and_pairs_the_support_volume_s_own_slic
     supports = {s["slice"] for s in manifest["support"]}
     assert all(p["slice"] not in supports and 1 <= abs(p["offset"]) <= 2 for p in manifest["pairs"])
     assert not list((tmp_path / "cache" / "stages").glob("source-train/*"))     # it trains no model
+
+
+def test_a_validation_run_scores_the_training_volumes_and_its_fine_tunes_serve_the_query_run(phantom_copy, phantom_data,
+                                                                                           tmp_path):
+    """score_on = "training" never scores a query volume; the fine-tunes it chose settings with are the very
+    ones the run on the query volumes then scores (the same cache entries, not retrained)."""
+    arms = ('[[arms]]\nname = "real-only"\nrole = "baseline"\n[[arms]]\nname = "propagated"\n'
+            'sources = ["propagated"]\n')
+    text = PAIRS.split("[[arms]]")[0] + arms + PAIRS[PAIRS.index("[run]"):]
+    fold = make_folds(phantom_data.ids, phantom_data.spec.n_folds)[0]
+    runs = {}
+    for name, score_on in (("v", "training"), ("q", "queries")):
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(text.format(data=phantom_copy, out=tmp_path / name, cache=tmp_path / "cache", learned="",
+                                   diagnostic=f'false\nscore_on = "{score_on}"'))
+        assert main(["run", str(cfg)]) == 0
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())
+        runs[name]["stages"] = json.loads((tmp_path / name / "stages.json").read_text())["summary"]
+    scored = {name: {r["query"] for r in res["rows"]} for name, res in runs.items()}
+    assert scored["v"] and scored["v"] <= set(fold.train) and not scored["v"] & set(fold.queries)
+    assert scored["q"] <= set(fold.queries)
+    assert runs["v"]["score_on"] == "training" and runs["q"]["score_on"] == "queries"
+    assert (tmp_path / "v" / "report.md").read_text().split("\n")[2].startswith("**Validation run:** the folds' "
+                                                                                   "training volumes are scored")
+    assert "Validation run" not in (tmp_path / "q" / "report.md").read_text()
+    assert runs["q"]["stages"]["finetune"] == {"ran": 0, "cached": 2}   # the validation run's fine-tunes
+    assert runs["q"]["stages"]["evaluate"]["ran"] == 2                  # scored anew on the query volumes

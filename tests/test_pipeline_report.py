@@ -93,6 +93,16 @@ def test_report_command_rebuilds_the_report(results_file, tmp_path, capsys):
     assert (out / "report.md").read_text() == (results_file.parent / "report.md").read_text()
 
 
+def test_a_rebuilt_validation_report_still_says_it_scored_the_training_volumes(results_file, tmp_path):
+    results = json.loads(results_file.read_text())
+    assert results["score_on"] == "queries"
+    results_file.write_text(json.dumps(results | {"score_on": "training"}))
+    out = tmp_path / "rebuilt"
+    assert main(["report", str(results_file), "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["score_on"] == "training"
+    assert "**Validation run:** the folds' training volumes are scored" in (out / "report.md").read_text()
+
+
 def _drop(key: str):
     def edit(results: dict) -> None:
         del results[key]
@@ -123,6 +133,7 @@ BAD = {  # case -> (edit of the parsed file or of its text, what the one-line er
     "NaN in the file": (lambda text: text.replace('"dice": ', '"dice": NaN, "x": ', 1), "NaN is not valid JSON"),
     "truncated file": (lambda text: text[: len(text) // 2], "not a valid results JSON"),
     "bad dice_grid": (lambda r: r.update(dice_grid="256"), "dice_grid = '256'; expected one of ['native', 'working']"),
+    "bad score_on": (lambda r: r.update(score_on="test"), "score_on = 'test'; expected one of ['queries', 'training']"),
 }
 
 

@@ -10,7 +10,7 @@ import torch
 
 from segment.data.protocol import (
     dice, empty_predictor, ep1_chunk_of, ep1_query_chunks, ep1_support_indices, evaluate, excluded_class_ids,
-    make_folds, mask_out_classes, oracle_predictor, training_slice_mask,
+    make_folds, mask_out_classes, oracle_predictor, scored_fold, training_slice_mask,
 )
 from segment.data.slices import PreparedData, Volume
 from segment.data.volumes import DataError, DatasetSpec, load_spec
@@ -23,6 +23,16 @@ def test_abd_mri_folds_match_the_literature():
     assert folds[4].queries == ("36", "37", "38", "39") and folds[4].support == "1"  # 16..19 and 0
     for f in folds:
         assert len(f.train) == 15 and not set(f.train) & set(f.queries + (f.support,))
+
+
+def test_a_validation_fold_scores_the_training_volumes_with_the_same_support():
+    fold = make_folds([str(i) for i in range(20)], 5)[1]
+    assert scored_fold(fold, "queries") == fold
+    val = scored_fold(fold, "training")
+    assert (val.index, val.support, val.train) == (fold.index, fold.support, fold.train)
+    assert val.queries == fold.train and not set(val.queries) & set(fold.queries)
+    with pytest.raises(DataError, match=r"score_on must be one of \('queries', 'training'\), got 'test'"):
+        scored_fold(fold, "test")
 
 
 def test_too_few_volumes_for_folds():

@@ -67,7 +67,7 @@ def overlay_panels(evals: tuple[EvalRef, ...], model: str, protocol: str) -> lis
     return panels
 
 
-def dice_scoring(rows: tuple[dict, ...], evals: tuple[EvalRef, ...], postprocess_default: bool):
+def dice_scoring(rows: tuple[dict, ...], evals: tuple[EvalRef, ...], postprocess_default: bool, score_on: str):
     """How the rows' headline `dice` was scored, from the rows or their rows.json; working grid by default.
 
     Rows that carry `dice_post` have a headline without post-processing; older rows were scored with
@@ -82,7 +82,7 @@ def dice_scoring(rows: tuple[dict, ...], evals: tuple[EvalRef, ...], postprocess
     if any("dice_post" in r for r in rows):
         posts = {False}
     postprocess = posts.pop() if len(posts) == 1 else postprocess_default
-    return DiceScoring(grid=grids.pop() if grids else "working", postprocess=postprocess)
+    return DiceScoring(grid=grids.pop() if grids else "working", postprocess=postprocess, score_on=score_on)
 
 
 def _versions() -> dict:
@@ -150,7 +150,8 @@ class Report(Stage):
         quality = [json.loads((e.path / "quality.json").read_text()) for e in self.quality]
         report.build_report(folder, title=f"SupportForge ablation: {self.experiment}", rows=list(self.rows),
                             arms=list(self.arms), context=context, quality=quality, figures=figures,
-                            scoring=dice_scoring(self.rows, self.evals, self.postprocess),
+                            scoring=dice_scoring(self.rows, self.evals, self.postprocess,
+                                                 self.config["protocol"]["score_on"]),
                             filter_dice=self.filter_dice)
 
 

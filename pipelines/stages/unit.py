@@ -26,7 +26,7 @@ from pipelines.stages.report import Report, provenance
 from pipelines.stages.segmenters import Finetune, Segmenter
 from pipelines.stages.synthesis import Quality, Refine, Synthesis
 from segment.config import SegmenterConfig, SuperpixelParams
-from segment.data.protocol import Fold, make_folds
+from segment.data.protocol import Fold, make_folds, scored_fold
 from segment.data.slices import PreparedData
 
 
@@ -134,7 +134,7 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
             for protocol in cfg.protocol.protocols:
                 entry = runner(Evaluate(
                     model=model, arm=arm.name, role=arm.role, protocol=protocol, classes=classes, seed=seed,
-                    data=data, fold=fold, tuned=tuned, test_supports=arm_sets if at_test else {},
+                    data=data, fold=scored_fold(fold, cfg.protocol.score_on), tuned=tuned, test_supports=arm_sets if at_test else {},
                     bases=base_of if at_test and syn.filter_dice > 0 else {},
                     max_test_supports=syn.max_test_supports if at_test else 0,
                     filter_dice=syn.filter_dice if at_test else 0.0, overlays=cfg.run.overlays))

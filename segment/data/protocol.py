@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from segment.config import GRIDS, PROTOCOLS, SETTINGS  # defined torch-free so configs validate without torch
+from segment.config import GRIDS, PROTOCOLS, SCORE_ON, SETTINGS  # defined torch-free so configs validate without torch
 from segment.data.slices import PreparedData, Volume
 from segment.data.volumes import DataError, DatasetSpec
 
@@ -90,6 +90,15 @@ def make_folds(volume_ids: list[str] | tuple[str, ...], n_folds: int) -> list[Fo
         train = tuple(v for v in volume_ids if v not in test)
         folds.append(Fold(k, support=test[-1], queries=tuple(test[:-1]), train=train))
     return folds
+
+
+def scored_fold(fold: Fold, score_on: str) -> Fold:
+    """The fold whose `queries` are scored: itself, or for a validation run its training volumes (same
+    support volume), so that settings are chosen without the query volumes' Dice."""
+    if score_on not in SCORE_ON:
+        raise DataError(f"score_on must be one of {SCORE_ON}, got {score_on!r}")
+    return fold if score_on == "queries" else Fold(fold.index, support=fold.support, queries=fold.train,
+                                                   train=fold.train)
 
 
 def excluded_class_ids(spec: DatasetSpec, test_class: str, setting: int) -> tuple[int, ...]:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from augment.registry import CLASSICAL, GENERATORS, REFINERS, VOLUME_SOURCES  # torch-free: the models load only to train or sample
-from segment.config import MODELS, PROTOCOLS, RESOLUTIONS, SCORE_ON, SETTINGS  # torch-free: loading a config imports no torch
+# torch-free: loading a config imports no torch
+from segment.config import MODELS, PROTOCOLS, RESOLUTIONS, SCORE_ON, SETTINGS
 ROLES = ("baseline", "control", "augmented", "diagnostic")  # what an arm is for in the tests; its name is a label
 
 

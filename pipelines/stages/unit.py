@@ -131,10 +131,11 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
                      if syn.in_training else base_of[c] for c in classes}
             pools = {c: _synthetic_pool(tuned[c].path) if arm.sources and syn.in_training else None for c in classes}
             at_test = syn.at_test and any(arm_sets.values())
+            scored = scored_fold(fold, cfg.protocol.score_on)  # its query volumes, or its training volumes
             for protocol in cfg.protocol.protocols:
                 entry = runner(Evaluate(
                     model=model, arm=arm.name, role=arm.role, protocol=protocol, classes=classes, seed=seed,
-                    data=data, fold=scored_fold(fold, cfg.protocol.score_on), tuned=tuned, test_supports=arm_sets if at_test else {},
+                    data=data, fold=scored, tuned=tuned, test_supports=arm_sets if at_test else {},
                     bases=base_of if at_test and syn.filter_dice > 0 else {},
                     max_test_supports=syn.max_test_supports if at_test else 0,
                     filter_dice=syn.filter_dice if at_test else 0.0, overlays=cfg.run.overlays))

@@ -68,6 +68,9 @@ out = "{out}"
 cache = "{cache}"
 """
 
+# the same run with two arms: real-only and the propagated source (which needs no section)
+REAL_AND_PROPAGATED = (PAIRS.split("[[arms]]")[0] + '[[arms]]\nname = "real-only"\nrole = "baseline"\n[[arms]]\n'
+                       'name = "propagated"\nsources = ["propagated"]\n' + PAIRS[PAIRS.index("[run]"):])
 
 def _config(tmp: Path, data: Path, *, name: str, diagnostic: str = "true", oracle_role: str = "diagnostic",
             learned: str = "") -> Path:
@@ -136,8 +139,8 @@ def test_learned_set_records_its_volumes_and_checks_and_oracle_its_true_slices(p
     ("true", "augmented", r"\[arms.oracle\] sources = \['oracle'\] with role = 'augmented': \['oracle'\] read the "
                           r"training volumes' true labels, which Setting 1 forbids"),
     ('true\nscore_on = "training"', "diagnostic",
-     r"\[arms.oracle\] sources = \['oracle'\]: \['oracle'\] read the training volumes' true labels, and \[protocol\] "
-     r"score_on = \"training\" scores those volumes; drop the arm from the validation run"),
+     r"\[arms.oracle\] sources = \['oracle'\]: \['oracle'\] read the training volumes' true labels, and "
+     r"\[protocol\] score_on = \"training\" scores those volumes; drop the arm from the validation run"),
 ])
 def test_an_oracle_arm_outside_a_diagnostic_arm_and_run_stops_at_config_time(phantom_copy, tmp_path, capsys,
                                                                              diagnostic, role, message):
@@ -214,11 +217,9 @@ def test_finetune_draws_the_synthetic_share_of_episodes_from_the_synthetic_pairs
 
 
 def test_propagated_arm_needs_no_section_and_pairs_the_support_volume_s_own_slices(phantom_copy, tmp_path):
-    arms = PAIRS.split("[[arms]]")[0] + ('[[arms]]\nname = "real-only"\nrole = "baseline"\n[[arms]]\n'
-                                         'name = "propagated"\nsources = ["propagated"]\n') + PAIRS[PAIRS.index("[run]"):]
     cfg = tmp_path / "p.toml"
-    cfg.write_text(arms.format(data=phantom_copy, out=tmp_path / "p", cache=tmp_path / "cache", diagnostic="false",
-                               learned=""))
+    cfg.write_text(REAL_AND_PROPAGATED.format(data=phantom_copy, out=tmp_path / "p", cache=tmp_path / "cache",
+                                              diagnostic="false", learned=""))
     assert main(["run", str(cfg)]) == 0
     results = json.loads((tmp_path / "p" / "results.json").read_text())
     assert {r["arm"]: (r["role"], r["synthetic_pairs"]) for r in results["rows"]} == {
@@ -236,15 +237,12 @@ def test_a_validation_run_scores_the_training_volumes_and_its_fine_tunes_serve_t
                                                                                            tmp_path):
     """score_on = "training" never scores a query volume; the fine-tunes it chose settings with are the very
     ones the run on the query volumes then scores (the same cache entries, not retrained)."""
-    arms = ('[[arms]]\nname = "real-only"\nrole = "baseline"\n[[arms]]\nname = "propagated"\n'
-            'sources = ["propagated"]\n')
-    text = PAIRS.split("[[arms]]")[0] + arms + PAIRS[PAIRS.index("[run]"):]
     fold = make_folds(phantom_data.ids, phantom_data.spec.n_folds)[0]
     runs = {}
     for name, score_on in (("v", "training"), ("q", "queries")):
         cfg = tmp_path / f"{name}.toml"
-        cfg.write_text(text.format(data=phantom_copy, out=tmp_path / name, cache=tmp_path / "cache", learned="",
-                                   diagnostic=f'false\nscore_on = "{score_on}"'))
+        cfg.write_text(REAL_AND_PROPAGATED.format(data=phantom_copy, out=tmp_path / name, cache=tmp_path / "cache",
+                                                  learned="", diagnostic=f'false\nscore_on = "{score_on}"'))
         assert main(["run", str(cfg)]) == 0
         runs[name] = json.loads((tmp_path / name / "results.json").read_text())
         runs[name]["stages"] = json.loads((tmp_path / name / "stages.json").read_text())["summary"]

@@ -1,4 +1,5 @@
-"""The evaluate stage: one (model, arm) scored under one protocol on a fold's query volumes."""
+"""The evaluate stage: one (model, arm) scored under one protocol on its fold's `queries` (a fold's query
+volumes, or for a validation run its training volumes: `segment.data.protocol.scored_fold`)."""
 
 from __future__ import annotations
 

@@ -106,6 +106,7 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
     """Every stage of one (fold, seed) unit; returns its Dice rows and the artifacts for the report."""
     excl = exclusion_sets(data, classes, cfg.protocol.setting, supervised=False)  # the sources'; bases may split below
     sp = superpixel_stage(cfg, data)
+    scored = scored_fold(fold, cfg.protocol.score_on)  # what Evaluate scores: its query volumes, or its training ones
     # 1. synthetic pairs per source and class (generators first where a source needs one)
     synth = {(s, c): _synthesis(cfg, data, fold, seed, s, c, excl[c], sp, sp_entry, runner)
              for s in cfg.sources for c in classes}
@@ -131,7 +132,6 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
                      if syn.in_training else base_of[c] for c in classes}
             pools = {c: _synthetic_pool(tuned[c].path) if arm.sources and syn.in_training else None for c in classes}
             at_test = syn.at_test and any(arm_sets.values())
-            scored = scored_fold(fold, cfg.protocol.score_on)  # its query volumes, or its training volumes
             for protocol in cfg.protocol.protocols:
                 entry = runner(Evaluate(
                     model=model, arm=arm.name, role=arm.role, protocol=protocol, classes=classes, seed=seed,

@@ -233,6 +233,36 @@ class PropagatedConfig:
 
 
 @dataclass(frozen=True)
+class RegisteredConfig:
+    """The registered source (`augment.registered`): real slices of the fold's unlabelled training volumes, each
+    with a support mask carried there by the learned source's registration model (which [generators.learned]
+    defines; it is trained once and shared). The pipeline then relabels each pair with the segmenter's own
+    prediction (the baseline arm's model, given the real supports) and keeps a pair only where that prediction and
+    the registered mask agree with Dice >= `min_agreement`: two estimates made independently, so agreement is a
+    label-free sign that both are right. Every field but the runner's is read when pairs are made."""
+    resolution: int = 128
+    # the label-free checks of each registered candidate, as the learned source's (`LearnedConfig`)
+    z_window: int = 1
+    max_folded_share: float = 0.005
+    min_similarity: float = 0.15
+    min_area_ratio: float = 0.5
+    max_area_ratio: float = 2.0
+    min_fragment_px: int = 12
+    # chosen on the label accuracy of the kept pairs on CHAOS's training volumes (labels read for that measurement
+    # only, benchmarks/augment_registered.py; results in benchmarks/results/augment_registered.md), never on test Dice
+    min_agreement: float = 0.7
+    seed: int = 0
+    cpu: bool = True
+
+    def __post_init__(self):
+        if not 0 < self.min_agreement <= 1:
+            raise ValueError(f"RegisteredConfig.min_agreement={self.min_agreement} must be in (0, 1]")
+        if not 0 < self.min_area_ratio <= 1 <= self.max_area_ratio or self.z_window < 0:
+            raise ValueError(f"RegisteredConfig needs 0 < min_area_ratio <= 1 <= max_area_ratio and z_window >= 0, "
+                             f"got {self.min_area_ratio}, {self.max_area_ratio}, {self.z_window}")
+
+
+@dataclass(frozen=True)
 class OracleConfig:
     """The oracle source (`augment.oracle`, diagnostic only): real training slices with their TRUE labels at
     the EP1 relative positions. It has nothing to set; the runner sets these fields."""

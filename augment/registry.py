@@ -15,6 +15,9 @@ fold, query_volumes, out_dir) -> Path`, and `make_set(checkpoint, *, support, su
 support_slices, volumes, labels, n, seed, fold, class_name, query_volumes, **pair_options) -> SyntheticSet`
 makes a class's pairs from its support slices. `labels` (the class's labels of the training volumes) is
 given only to a source marked `reads_labels`, which the experiment config allows only in diagnostic arms.
+A volume source may sample another's model (`model_from`, e.g. the registered source uses the learned
+source's registration), and may be `relabelled`: the pipeline replaces its masks with the segmenter's own
+prediction where the two agree (`augment.registered.relabel`).
 
 A generator's per-class fine-tune learns from the class's supports alone, or (`finetune_on` in its config)
 also from a volume source's set (`Generator.finetune_source`). A refiner (`Refiner`, e.g. SDEdit) remakes
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from augment.config import (FINETUNE_ON, DDPMConfig, GANConfig, LearnedConfig, OracleConfig, PropagatedConfig,
-                            SDEditConfig)
+                            RegisteredConfig, SDEditConfig)
 
 CLASSICAL = "classical"  # the one source that learns nothing: support image and mask deformed together
 CHECKPOINT_FILE = "checkpoint.pt"  # a trained source's weights in its folder: the entry point callers name
@@ -99,6 +102,9 @@ class VolumeSource:
     `pair_fields` are read only by `make_set`: the training stage leaves them out of its cache key, so
     changing one never retrains the model. `needs_section`: an arm may use the source only if the
     experiment config has a [generators.NAME] section (a source with nothing to set needs none).
+    `model_from`: the source whose per-fold model this one samples (None: its own, if it `trains`).
+    `relabelled`: its masks are replaced by the segmenter's prediction where the two agree with Dice >= the
+    config's `min_agreement`, and its pairs where they do not are dropped (see `augment.registered`).
     """
 
     name: str
@@ -108,6 +114,13 @@ class VolumeSource:
     reads_labels: bool = False  # reads the training volumes' TRUE labels of the class: diagnostic only
     pair_fields: tuple[str, ...] = ()
     needs_section: bool = True
+    model_from: str | None = None
+    relabelled: bool = False
+
+    @property
+    def model_owner(self) -> str:
+        """The source whose per-fold model this one samples."""
+        return self.model_from or self.name
 
     def train(self, config, **kwargs) -> Path:
         return importlib.import_module(self.module).train(config, **kwargs)
@@ -130,6 +143,10 @@ VOLUME_SOURCES: dict[str, VolumeSource] = {
                                             "min_fragment_px"), needs_section=False),
     "oracle": VolumeSource("oracle", OracleConfig, "augment.oracle", trains=False, reads_labels=True,
                            needs_section=False),
+    "registered": VolumeSource("registered", RegisteredConfig, "augment.registered", model_from="learned",
+                               relabelled=True, needs_section=False,
+                               pair_fields=("z_window", "max_folded_share", "min_similarity", "min_area_ratio",
+                                            "max_area_ratio", "min_fragment_px")),
 }
 
 

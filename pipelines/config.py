@@ -468,6 +468,10 @@ def _check_arms(arms: tuple[Arm, ...], generators: dict, source: str) -> None:
             if s not in known:
                 raise ConfigError(f"{source}: arm {arm.name!r} names unknown generator {s!r}; known: {list(known)} "
                                   f"(a generator needs a [generators.{s}] section)")
+            owner = VOLUME_SOURCES[s].model_from if s in VOLUME_SOURCES else None
+            if owner and owner not in generators:
+                raise ConfigError(f"{source}: arm {arm.name!r} uses {s!r}, which samples the {owner!r} model, but "
+                                  f"there is no [generators.{owner}] section; add one (it may be empty)")
 
 
 def load(path: str | Path, *, data: str | None = None) -> ExperimentConfig:

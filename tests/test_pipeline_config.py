@@ -34,7 +34,7 @@ def test_parse_gives_typed_frozen_config():
     (_raw(protocol={"protocols": ["EP3"]}), r"protocols = \['EP3'\]; choose from \['EP1', 'EP2'\]"),
     (_raw(models=["unet"]), r"models = \['unet'\]; choose from \['prototype', 'conditional'\]"),
     (_raw(arms=[{"name": "real-only"}, {"name": "vae", "sources": ["vae"]}]),
-     r"arm 'vae' names unknown generator 'vae'; known: \['classical', 'ddpm', 'oracle', 'propagated'\]"),
+     r"arm 'vae' names unknown generator 'vae'; known: \['classical', 'ddpm', 'oracle', 'propagated', 'registered'\]"),
     (_raw(arms=[{"name": "ddpm", "sources": ["ddpm"]}]), r"arms: 0 baseline arm\(s\) \[\]; exactly one arm has role"),
     ({"name": "t"}, r"missing \[data\] section"),
 ])

@@ -15,7 +15,7 @@ from augment.registry import volume_source
 from pipelines.stages.generators import GeneratorFinetune, GeneratorPretrain, SourceTrain, Superpixels
 from pipelines.stages.report import Report
 from pipelines.stages.segmenters import Finetune, Segmenter
-from pipelines.stages.synthesis import Quality, Refine, Synthesis
+from pipelines.stages.synthesis import Quality, Refine, Relabel, Synthesis
 from segment.config import SegmenterConfig, SuperpixelParams
 from segment.data.protocol import Fold
 from segment.data.slices import PreparedData
@@ -35,6 +35,8 @@ SAMPLES: list[Stage] = [
            options={"strength": 0.5, "steps": 2}),
     Synthesis(source="ddpm", class_name="liver", n=4, seed=0, deform=DeformConfig(), generator=ENTRY,
               sampling={"steps": 2}, **COMMON),
+    Relabel(source="registered", class_name="liver", seed=0, pairs=ENTRY, teacher=ENTRY, min_agreement=0.7, n=12,
+            **COMMON),
     Quality(source="ddpm", class_name="liver", seed=0, synthesis=ENTRY, base=ENTRY, **COMMON),
     Segmenter(config=SegmenterConfig(), excluded=(1,), setting=1, superpixels=ENTRY, cache_dir="c", **COMMON),
     SourceTrain(source="learned", config=LearnedConfig(), **COMMON),

@@ -102,6 +102,42 @@ class Refine(Stage):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Relabel(Stage):
+    """A relabelled source's set of a class (`augment.registered.relabel`): the pairs of `pairs` with their masks
+    replaced by the `teacher` segmenter's prediction, given the real supports, where the two agree with Dice >=
+    `min_agreement`; at most `n` kept, best agreement first. `teacher` is the baseline arm's model: trained on the
+    real supports and no test-class label, so the set stays label-free."""
+
+    name: ClassVar[str] = "relabel"
+    version: ClassVar[str] = "1"
+    source: str
+    class_name: str
+    seed: int
+    data: PreparedData
+    fold: Fold
+    pairs: StageEntry
+    teacher: StageEntry
+    min_agreement: float
+    n: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.source} fold{self.fold.index} s{self.seed} {self.class_name}"
+
+    def produce(self, folder: Path) -> None:
+        from augment.registered import relabel
+        from augment.synthesis import load_set, save_set
+        from segment import train as seg_train
+        from segment.predict import make_predictor
+        real_i, real_m, _ = support_pairs(self.data, self.fold, self.class_name)
+        syn = load_set(self.pairs.path / "set")
+        predict = make_predictor(seg_train.load(self.teacher.path / "model.pt"))
+        probs = predict(real_i, real_m, syn.images)                                     # (P, 1, R, R)
+        kept = relabel(syn, (probs > 0.5).float(), min_agreement=self.min_agreement, n=self.n, teacher=self.teacher.key)
+        save_set(kept, folder / "set")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Quality(Stage):
     """Why pairs help or not: does the real-data segmenter find the intended mask on them (mask
     consistency), do organ intensities match the real supports, and are they copies of the supports?"""

@@ -24,7 +24,7 @@ from pipelines.stages.generators import GeneratorFinetune, GeneratorPretrain, So
 from pipelines.stages.inputs import exclusion_sets
 from pipelines.stages.report import Report, provenance
 from pipelines.stages.segmenters import Finetune, Segmenter
-from pipelines.stages.synthesis import Quality, Refine, Synthesis
+from pipelines.stages.synthesis import Quality, Refine, Relabel, Synthesis
 from segment.config import SegmenterConfig, SuperpixelParams
 from segment.data.protocol import Fold, make_folds, scored_fold
 from segment.data.slices import PreparedData
@@ -90,8 +90,10 @@ def _synthesis(cfg, data, fold, seed, source, c, excluded, sp: Superpixels, sp_e
         return entry
     if source in VOLUME_SOURCES:
         src, config = volume_source(source), generator_config(cfg, source, seed)
-        if src.trains:
-            gen_entry = runner(SourceTrain(source=source, config=config, data=data, fold=fold))
+        if src.trains:  # its own model, or the one it samples (e.g. registered: the learned source's)
+            owner = src.model_owner
+            gen_entry = runner(SourceTrain(source=owner, config=generator_config(cfg, owner, seed), data=data,
+                                           fold=fold))
         sampling = src.pair_options(config)
     elif source != CLASSICAL:
         gen_entry, sampling = _generator(cfg, data, fold, seed, source, c, excluded, sp, sp_entry, runner)
@@ -99,6 +101,37 @@ def _synthesis(cfg, data, fold, seed, source, c, excluded, sp: Superpixels, sp_e
                              generator=gen_entry, sampling=sampling))
     validate_manifest(json.loads((entry.path / "set" / "manifest.json").read_text()), fold.queries)  # on the cache
     return entry
+
+
+def base_segmenters(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, model: str,
+                    classes: tuple[str, ...], sp_entry: StageEntry, runner: StageRunner) -> dict[str, StageEntry]:
+    """The base segmenter of each class: one per exclusion set, which never holds a label of the class."""
+    seg_cfg = segmenter_config(cfg, model, seed)
+    seg_excl = exclusion_sets(data, classes, cfg.protocol.setting, supervised=seg_cfg.mix_supervised > 0)
+    bases = {e: runner(Segmenter(config=seg_cfg, data=data, fold=fold, excluded=e, setting=cfg.protocol.setting,
+                                 superpixels=sp_entry, cache_dir=cfg.run.cache))
+             for e in sorted(set(seg_excl.values()))}
+    return {c: bases[seg_excl[c]] for c in classes}
+
+
+def synthesis_set(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, source: str, c: str,
+                  classes: tuple[str, ...], sp_entry: StageEntry, runner: StageRunner) -> StageEntry:
+    """Class `c`'s synthetic set from one source, as a unit of `classes` makes it (before any relabelling)."""
+    excl = exclusion_sets(data, classes, cfg.protocol.setting, supervised=False)
+    return _synthesis(cfg, data, fold, seed, source, c, excl[c], superpixel_stage(cfg, data), sp_entry, runner)
+
+
+def teacher(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, model: str, c: str, base: StageEntry,
+            runner: StageRunner) -> StageEntry:
+    """The baseline arm's model of class `c`: its fine-tune on the real supports alone (the very entry that arm
+    scores), or the base segmenter when pairs do not enter by fine-tuning. It relabels a relabelled source."""
+    baseline = next(a for a in cfg.arms if a.role == "baseline")
+    syn = baseline.synthesis(cfg.synthesis)
+    if not syn.in_training:
+        return base
+    return runner(Finetune(base=base, class_name=c, steps=syn.finetune_steps, seed=seed, filter_dice=syn.filter_dice,
+                           synthetic_share=syn.synthetic_share, data=data, fold=fold, synthesis=(),
+                           log_label=f"{model} {baseline.name} fold{fold.index} s{seed} {c}"))
 
 
 def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, classes: tuple[str, ...],
@@ -113,18 +146,17 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
     # 2. per model: base segmenter per exclusion set, fine-tuned per arm and class, then scored
     rows, evals, quality = [], [], []
     for model in cfg.models:
-        seg_cfg = segmenter_config(cfg, model, seed)
-        seg_excl = exclusion_sets(data, classes, cfg.protocol.setting, supervised=seg_cfg.mix_supervised > 0)
-        bases = {e: runner(Segmenter(config=seg_cfg, data=data, fold=fold, excluded=e, setting=cfg.protocol.setting,
-                                     superpixels=sp_entry, cache_dir=cfg.run.cache))
-                 for e in sorted(set(seg_excl.values()))}
-        base_of = {c: bases[seg_excl[c]] for c in classes}
-        if model == cfg.models[0]:  # 3. quality of every synthetic set, judged by the first model's base segmenter
+        base_of = base_segmenters(cfg, data, fold, seed, model, classes, sp_entry, runner)
+        # 3. a relabelled source's pairs take this model's own masks, where they agree with the source's
+        sets = {(s, c): _relabelled(cfg, data, fold, seed, model, s, c, entry, base_of[c], runner)
+                if s in VOLUME_SOURCES and volume_source(s).relabelled else entry for (s, c), entry in synth.items()}
+        if model == cfg.models[0]:  # 4. quality of every synthetic set, judged by the first model's base segmenter
             quality += [runner(Quality(source=s, class_name=c, seed=seed, data=data, fold=fold, synthesis=entry,
-                                       base=base_of[c])) for (s, c), entry in synth.items()]
+                                       base=base_of[c])) for (s, c), entry in sets.items() if _size(entry)]
+            synth = sets  # what the report draws
         for arm in cfg.arms:
             syn = arm.synthesis(cfg.synthesis)  # the arm's named overrides
-            arm_sets = {c: tuple(synth[s, c] for s in arm.sources) for c in classes}
+            arm_sets = {c: tuple(sets[s, c] for s in arm.sources) for c in classes}
             tuned = {c: runner(Finetune(base=base_of[c], class_name=c, steps=syn.finetune_steps, seed=seed,
                                         filter_dice=syn.filter_dice, synthetic_share=syn.synthetic_share,
                                         data=data, fold=fold, synthesis=arm_sets[c],
@@ -143,6 +175,21 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
                          for r in json.loads((entry.path / "rows.json").read_text())["rows"]]
                 evals.append(EvalRef(model, arm.name, protocol, fold.index, seed, entry))
     return rows, UnitArtifacts(fold.index, seed, synth, tuple(evals), tuple(quality))
+
+
+def _relabelled(cfg: ExperimentConfig, data, fold, seed, model: str, source: str, c: str, pairs: StageEntry,
+                base: StageEntry, runner) -> StageEntry:
+    """`pairs` with the masks of the `teacher` of class `c`, kept where they agree with the source's."""
+    entry = runner(Relabel(source=source, class_name=c, seed=seed, data=data, fold=fold, pairs=pairs,
+                           teacher=teacher(cfg, data, fold, seed, model, c, base, runner),
+                           min_agreement=generator_config(cfg, source, seed).min_agreement, n=cfg.synthesis.n_pairs))
+    validate_manifest(json.loads((entry.path / "set" / "manifest.json").read_text()), fold.queries)
+    return entry
+
+
+def _size(entry: StageEntry) -> int:
+    """How many pairs a synthetic set holds."""
+    return len(json.loads((entry.path / "set" / "manifest.json").read_text())["source"])
 
 
 def _synthetic_pool(finetune_dir: Path) -> int:

@@ -1,0 +1,91 @@
+"""The registered source in the pipeline: other subjects' slices relabelled by the baseline arm's own model,
+which is the very fine-tune that arm scores, and the config's refusal without the model it samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from augment.synthesis import load_set
+from files import benchmark_module, snapshot
+from pipelines.cli import main
+from pipelines.config import ConfigError, load
+from segment import train as seg_train
+from segment.data.protocol import make_folds
+from segment.predict import make_predictor
+from pipelines.stages.inputs import support_pairs
+from test_pipeline_pairs import PAIRS
+
+# real-only and registered; {learned} is the [generators.learned] section (the model registered samples)
+REGISTERED = (PAIRS.split("[generators.learned]")[0] + "{learned}\n" + PAIRS[PAIRS.index("[synthesis]"):].split(
+    "[[arms]]")[0] + '[[arms]]\nname = "real-only"\nrole = "baseline"\n[[arms]]\nname = "registered"\n'
+    'sources = ["registered"]\n[generators.registered]\nmin_similarity = 0.0\nmin_agreement = 0.01\n'
+    + PAIRS[PAIRS.index("[run]"):])
+LEARNED = "\n".join(PAIRS[PAIRS.index("[generators.learned]"):PAIRS.index("{learned}")].splitlines())
+
+
+def _config(tmp: Path, data: Path, learned: str) -> Path:
+    path = tmp / "r.toml"
+    path.write_text(REGISTERED.format(data=data, out=tmp / "r", cache=tmp / "cache", diagnostic="false",
+                                      learned=learned))
+    return path
+
+
+def test_registered_pairs_take_the_baseline_arm_s_masks_and_share_its_fine_tune(phantom_copy, phantom_data, tmp_path):
+    assert main(["run", str(_config(tmp_path, phantom_copy, LEARNED))]) == 0
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    stages = json.loads((tmp_path / "r" / "stages.json").read_text())
+    relabelled = [r for r in stages["records"] if r["stage"] == "relabel"]
+    tunes = {r["label"].split()[1]: r["key"] for r in stages["records"] if r["stage"] == "finetune"}
+    assert len(relabelled) == 1 and set(tunes) == {"real-only", "registered"}
+    assert stages["summary"]["finetune"] == {"ran": 2, "cached": 1}   # the teacher is the real-only arm's fine-tune
+    cache = tmp_path / "cache" / "stages"
+    syn = load_set(cache / "relabel" / relabelled[0]["key"] / "set")
+    assert syn.manifest["relabelled"]["teacher"] == tunes["real-only"]
+    assert {r["arm"]: r["synthetic_pairs"] for r in results["rows"]} == {"real-only": None, "registered": len(syn)}
+    fold = make_folds(phantom_data.ids, phantom_data.spec.n_folds)[0]
+    assert len(syn) and all(p["volume"] in fold.train for p in syn.manifest["pairs"])  # other subjects, no query
+    real_i, real_m, _ = support_pairs(phantom_data, fold, "liver")
+    teacher = make_predictor(seg_train.load(cache / "finetune" / tunes["real-only"] / "model.pt"))
+    assert torch.equal(syn.masks, (teacher(real_i, real_m, syn.images) > 0.5).float())
+    assert [p.name for p in (cache / "source-train").iterdir()]  # the learned source's model, trained once
+
+
+def test_registered_without_the_learned_section_stops_at_config_time(phantom_copy, tmp_path, capsys):
+    cfg = _config(tmp_path, phantom_copy, "")
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=r"arm 'registered' uses 'registered', which samples the 'learned' model, "
+                                          r"but there is no \[generators.learned\] section; add one"):
+        load(cfg)
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("supportforge: error: ")
+    assert snapshot(tmp_path) == before
+
+
+def test_the_registered_benchmark_measures_every_candidate_and_chooses_by_the_pairs_it_keeps(phantom_copy, tmp_path):
+    bench = benchmark_module("augment_registered")
+    result = bench.main(["--config", str(_config(tmp_path, phantom_copy, LEARNED)), "--out", str(tmp_path / "out")])
+    sets = [load_set(p.parent) for p in (tmp_path / "cache" / "stages").glob("synthesis/*/set/manifest.json")]
+    assert result["all"]["candidates"] == sum(len(s) for s in sets) > 0
+    agreeing = [s["agreeing"] for s in result["all"]["thresholds"].values()]
+    assert agreeing == sorted(agreeing, reverse=True)                 # a stricter threshold keeps fewer pairs
+    enough = [float(t) for t, s in result["all"]["thresholds"].items() if s["per_unit"] >= result["n_pairs"]]
+    assert result["chosen_min_agreement"] == (max(enough) if enough else None)
+    assert (tmp_path / "out" / "augment_registered.md").read_text().startswith("# Registered pairs: label accuracy")
+    assert not list((tmp_path / "cache" / "stages").glob("evaluate/*"))  # it reads no Dice of any scored volume
+
+
+def test_a_class_with_no_agreeing_pair_fine_tunes_on_the_real_supports_alone(phantom_copy, tmp_path):
+    cfg = _config(tmp_path, phantom_copy, LEARNED)
+    cfg.write_text(cfg.read_text().replace("min_agreement = 0.01", "min_agreement = 1.0"))  # no mask agrees fully
+    assert main(["run", str(cfg)]) == 0
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    stages = json.loads((tmp_path / "r" / "stages.json").read_text())
+    assert {r["arm"]: r["synthetic_pairs"] for r in results["rows"]} == {"real-only": None, "registered": 0}
+    assert not [r for r in stages["records"] if r["stage"] == "quality"]  # no quality row for an empty set
+    tunes = [r["key"] for r in stages["records"] if r["stage"] == "finetune"]
+    assert len(set(tunes)) == 2          # an empty pool is still its own arm's fine-tune, keyed by its set

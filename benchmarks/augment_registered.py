@@ -135,7 +135,7 @@ def write(result: dict, out_dir: Path, tag: str) -> None:
         at = s["thresholds"].get(str(chosen), {})
         lines.append(f"| {c} | {s['candidates']} | {s['warped']} | {s['teacher']} | {at.get('agreeing')} | "
                      f"{at.get('warped')} | {at.get('teacher')} |")
-    lines += ["", f"Wall time {result['seconds']} s (cached stages are reused)."]
+    lines += ["", f"Wall time {result['seconds']} s; stages already in the cache are reused, missing ones are run."]
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 

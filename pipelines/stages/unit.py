@@ -5,7 +5,8 @@ This is the one module that reads an `ExperimentConfig`; each stage receives onl
 Honesty rules the plan keeps: a generator learns from the fold's training volumes (superpixel masks,
 no labels) and the fold's support pairs only, or pairs made from both (the learned source's warped
 supports); every synthetic set's manifest is checked against the fold's query volumes before use;
-segmenters never see a test-class label; every arm of a (fold, seed) unit is fine-tuned for the same
+segmenters never see a test-class label, and a relabelled source's masks come from the baseline arm's model,
+which saw none either; every arm of a (fold, seed) unit is fine-tuned for the same
 number of steps, from the same base model, on the same real supports, and scored on the same query volumes.
 """
 

@@ -8,7 +8,8 @@ it measures, against the TRUE mask of the target slice (labels read for this mea
 mask, the teacher's prediction, and their agreement (Dice between the two, which needs no label). Per
 agreement threshold: how many pairs agree, and how right the kept masks are. `min_agreement` is the highest
 threshold that keeps at least `n_pairs` agreeing pairs per fold and class on average; no test Dice is read.
-Writes benchmarks/results/augment_registered{_tag}.json and .md.
+Writes benchmarks/results/augment_registered{_tag}.json and .md, and per class a PNG of the first fold's kept
+pairs with the relabelled mask (red) and the true one (green).
 
     .venv/bin/python benchmarks/augment_registered.py --data ../shared/data/chaos_t2      # 5 folds, ~4 min cached
 """
@@ -35,7 +36,8 @@ from pipelines.config import load  # noqa: E402
 from pipelines.runner import load_data, select  # noqa: E402
 from pipelines.stages.base import StageRunner  # noqa: E402
 from pipelines.stages.inputs import support_pairs  # noqa: E402
-from pipelines.stages.unit import base_segmenters, superpixel_stage, synthesis_set, teacher  # noqa: E402
+from pipelines.stages.unit import (base_segmenters, generator_config, superpixel_stage, synthesis_set,  # noqa: E402
+                                   teacher)
 from segment import train as seg_train  # noqa: E402
 from segment.predict import make_predictor  # noqa: E402
 
@@ -54,8 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def measure(cfg, data, fold, seed: int, model: str, classes: tuple[str, ...], sp_entry, runner) -> list[dict]:
-    """One row per registered candidate of every class: its masks' Dice against the truth, and their agreement."""
+def measure(cfg, data, fold, seed: int, model: str, classes: tuple[str, ...], sp_entry, runner,
+            shown: dict | None = None) -> list[dict]:
+    """One row per registered candidate of every class: its masks' Dice against the truth, and their agreement.
+    With `shown`, each class's images, masks and agreement go there too, for `draw`."""
     rows = []
     bases = base_segmenters(cfg, data, fold, seed, model, classes, sp_entry, runner)
     for c in classes:
@@ -66,6 +70,8 @@ def measure(cfg, data, fold, seed: int, model: str, classes: tuple[str, ...], sp
         cid = data.spec.class_id(c)
         truth = torch.stack([torch.from_numpy(data.volume(p["volume"]).labels[p["slice"]] == cid).float()
                              for p in syn.manifest["pairs"]])[:, None]           # (P, 1, R, R), measurement only
+        if shown is not None:
+            shown[c] = (syn.images, predicted, truth, agreement(predicted, syn.masks))
         for k, (warped, taught, agree) in enumerate(zip(agreement(syn.masks, truth), agreement(predicted, truth),
                                                         agreement(predicted, syn.masks))):
             rows.append({"fold": fold.index, "class": c, "warped": float(warped), "teacher": float(taught),
@@ -87,6 +93,35 @@ def summarise(rows: list[dict], n_units: int, n_pairs: int) -> dict:
     return out
 
 
+def draw(shown: dict, min_agreement: float, n: int, fold: int, out_dir: Path, stem: str) -> list[str]:
+    """Per class, the pairs relabel keeps (best agreement first): the relabelled mask in red, the TRUE mask in
+    green (drawn for this diagnosis only). PNG files; returns their names."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for c, (images, predicted, truth, agree) in shown.items():
+        keep = [int(i) for i in torch.argsort(-agree) if agree[i] >= min_agreement and predicted[i].sum() > 0][:n]
+        cols = max(len(keep), 1)
+        fig, axes = plt.subplots(1, cols, figsize=(1.8 * cols, 2.1), squeeze=False)
+        for ax, i in zip(axes[0], keep):
+            ax.imshow(images[i, 0].numpy(), cmap="gray")
+            ax.contour(truth[i, 0].numpy(), levels=[0.5], colors="lime", linewidths=0.7)
+            ax.contour(predicted[i, 0].numpy(), levels=[0.5], colors="red", linewidths=0.7)
+            ax.set_title(f"Dice {100 * float(agreement(predicted[i:i + 1], truth[i:i + 1])[0]):.0f}", fontsize=7)
+        for ax in axes[0]:
+            ax.axis("off")
+        fig.suptitle(f"{c}, fold {fold}: registered pairs kept at {min_agreement} (red: relabelled mask, "
+                     f"green: truth)", fontsize=8)
+        fig.tight_layout()
+        name = f"{stem}_{c}.png"
+        fig.savefig(out_dir / name, dpi=80)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t0 = time.time()
@@ -96,8 +131,10 @@ def main(argv=None) -> dict:
     folds, classes = select(cfg, data)
     runner = StageRunner(StageCache(cfg.run.cache), frozenset(), logging.getLogger("augment_registered"))
     sp_entry = runner(superpixel_stage(cfg, data))
-    rows = [r for fold in tqdm(folds, desc="folds")
-            for r in measure(cfg, data, fold, args.seed, args.model, classes, sp_entry, runner)]
+    shown: dict = {}  # the first fold's pairs, drawn
+    rows = [r for k, fold in enumerate(tqdm(folds, desc="folds"))
+            for r in measure(cfg, data, fold, args.seed, args.model, classes, sp_entry, runner,
+                             shown if k == 0 else None)]
     n = cfg.synthesis.n_pairs
     per_class = {c: summarise([r for r in rows if r["class"] == c], len(folds), n) for c in classes}
     total = summarise(rows, len(folds) * len(classes), n)
@@ -106,13 +143,16 @@ def main(argv=None) -> dict:
               "dataset": data.spec.name, "resolution": data.resolution, "folds": [f.index for f in folds],
               "seed": args.seed, "model": args.model, "n_pairs": n, "all": total, "per_class": per_class,
               "chosen_min_agreement": max(enough) if enough else None, "seconds": round(time.time() - t0, 1)}
-    write(result, Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out, args.tag)
+    out_dir = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"augment_registered{'_' + args.tag if args.tag else ''}"
+    drawn_at = result["chosen_min_agreement"] or generator_config(cfg, "registered", args.seed).min_agreement
+    result["figures"] = draw(shown, drawn_at, n, folds[0].index, out_dir, stem)
+    write(result, out_dir, stem)
     return result
 
 
-def write(result: dict, out_dir: Path, tag: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"augment_registered{'_' + tag if tag else ''}"
+def write(result: dict, out_dir: Path, stem: str) -> None:
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
     total = result["all"]
     lines = [f"# Registered pairs: label accuracy before and after relabelling ({result['dataset']}, "
@@ -135,6 +175,7 @@ def write(result: dict, out_dir: Path, tag: str) -> None:
         at = s["thresholds"].get(str(chosen), {})
         lines.append(f"| {c} | {s['candidates']} | {s['warped']} | {s['teacher']} | {at.get('agreeing')} | "
                      f"{at.get('warped')} | {at.get('teacher')} |")
+    lines += [""] + [f"![{name}]({name})" for name in result["figures"]]
     lines += ["", f"Wall time {result['seconds']} s; stages already in the cache are reused, missing ones are run."]
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
 

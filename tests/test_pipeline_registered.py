@@ -75,7 +75,10 @@ def test_the_registered_benchmark_measures_every_candidate_and_chooses_by_the_pa
     assert agreeing == sorted(agreeing, reverse=True)                 # a stricter threshold keeps fewer pairs
     enough = [float(t) for t, s in result["all"]["thresholds"].items() if s["per_unit"] >= result["n_pairs"]]
     assert result["chosen_min_agreement"] == (max(enough) if enough else None)
-    assert (tmp_path / "out" / "augment_registered.md").read_text().startswith("# Registered pairs: label accuracy")
+    report = (tmp_path / "out" / "augment_registered.md").read_text()
+    assert report.startswith("# Registered pairs: label accuracy")
+    assert result["figures"] == ["augment_registered_liver.png"] and "![augment_registered_liver.png]" in report
+    assert (tmp_path / "out" / "augment_registered_liver.png").read_bytes()[:4] == b"\x89PNG"
     assert not list((tmp_path / "cache" / "stages").glob("evaluate/*"))  # it reads no Dice of any scored volume
 
 

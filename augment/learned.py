@@ -54,6 +54,25 @@ def _load(checkpoint: Path, resolution: int, where: str) -> tuple[RegistrationMo
     return model.eval(), ckpt
 
 
+def registration_manifest(source: str, ckpt: dict, support_refs: Sequence[SliceRef], volumes: Mapping[str, np.ndarray],
+                          *, n: int, seed: int, fold: int, class_name: str, query_volumes: Sequence[str],
+                          described: str) -> dict:
+    """The manifest of a set made with a registration model (`ckpt`): the model, the supports, and every slice
+    of the unlabelled `volumes` it may draw on, checked against the query volumes (`LeakageError`)."""
+    training = Provenance.from_dict(ckpt["provenance"])
+    targets = tuple(r for vid, v in volumes.items() for r in refs(str(vid), range(len(v))))
+    provenance = Provenance(fold=fold, class_name=class_name, pretrain=training.pretrain + targets,
+                            query_volumes=tuple(map(str, query_volumes)),
+                            notes=f"{described}: images of the training volumes only, no labels")
+    manifest = {"generator": source, "checkpoint": ckpt["path"], "checkpoint_sha256": ckpt["sha256"],
+                "checkpoint_config_sha256": ckpt["config_sha256"], "seed": seed, "n": n, "fold": fold,
+                "class_name": class_name, "support": [dataclasses.asdict(r) for r in support_refs],
+                "training": provenance.to_dict(), "unlabelled_volumes": sorted(map(str, volumes)),
+                "query_volumes": list(map(str, query_volumes)), "deform": None, "sampler": "registration", "steps": 1}
+    validate_manifest(manifest, query_volumes)
+    return manifest
+
+
 def make_set(checkpoint: Path | None, *, support: tuple[torch.Tensor, torch.Tensor, Sequence[SliceRef]],
              support_volume: np.ndarray, support_slices: Sequence[int], volumes: Mapping[str, np.ndarray],
              labels: Mapping[str, np.ndarray] | None, n: int, seed: int, fold: int, class_name: str,
@@ -73,17 +92,8 @@ def make_set(checkpoint: Path | None, *, support: tuple[torch.Tensor, torch.Tens
     refs_ = _support_refs(ids, len(images))
     where = f"learned pairs, fold {fold}, class {class_name}"
     model, ckpt = _load(checkpoint, images.shape[-1], where)
-    training = Provenance.from_dict(ckpt["provenance"])
-    targets = tuple(r for vid, v in volumes.items() for r in refs(vid, range(len(v))))
-    provenance = Provenance(fold=fold, class_name=class_name, pretrain=training.pretrain + targets,
-                            query_volumes=tuple(map(str, query_volumes)),
-                            notes="learned transforms: images of the training volumes only, no labels")
-    manifest = {"generator": "learned", "checkpoint": ckpt["path"], "checkpoint_sha256": ckpt["sha256"],
-                "checkpoint_config_sha256": ckpt["config_sha256"], "seed": seed, "n": n, "fold": fold,
-                "class_name": class_name, "support": [dataclasses.asdict(r) for r in refs_],
-                "training": provenance.to_dict(), "unlabelled_volumes": sorted(map(str, volumes)),
-                "query_volumes": list(map(str, query_volumes)), "deform": None, "sampler": "registration", "steps": 1}
-    validate_manifest(manifest, query_volumes)
+    manifest = registration_manifest("learned", ckpt, refs_, volumes, n=n, seed=seed, fold=fold,
+                                     class_name=class_name, query_volumes=query_volumes, described="learned transforms")
     checks = PairChecks(max_folded_share=max_folded_share, min_similarity=min_similarity,
                         min_area_ratio=min_area_ratio, max_area_ratio=max_area_ratio, min_fragment_px=min_fragment_px)
     try:

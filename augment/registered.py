@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from augment.learned import _load
-from augment.manifest import Provenance, SliceRef, refs, validate_manifest
+from augment.learned import _load, registration_manifest
+from augment.manifest import SliceRef
 from augment.pairs import PairError
 from augment.synthesis import SyntheticSet, _jsonable, _support_refs
 from augment.warped_pairs import PairChecks, fit_z_maps, register_candidates
@@ -42,17 +42,8 @@ def make_set(checkpoint: Path | None, *, support: tuple[torch.Tensor, torch.Tens
     where = f"registered pairs, fold {fold}, class {class_name}"
     model, ckpt = _load(checkpoint, images.shape[-1], where)
     vols = {str(k): torch.as_tensor(np.asarray(v, np.float32)) for k, v in volumes.items()}
-    training = Provenance.from_dict(ckpt["provenance"])
-    targets = tuple(r for vid, v in vols.items() for r in refs(vid, range(len(v))))
-    provenance = Provenance(fold=fold, class_name=class_name, pretrain=training.pretrain + targets,
-                            query_volumes=tuple(map(str, query_volumes)),
-                            notes="registered: images of the training volumes only, no labels")
-    manifest = {"generator": "registered", "checkpoint": ckpt["path"], "checkpoint_sha256": ckpt["sha256"],
-                "checkpoint_config_sha256": ckpt["config_sha256"], "seed": seed, "n": n, "fold": fold,
-                "class_name": class_name, "support": [dataclasses.asdict(r) for r in refs_],
-                "training": provenance.to_dict(), "unlabelled_volumes": sorted(vols),
-                "query_volumes": list(map(str, query_volumes)), "deform": None, "sampler": "registration", "steps": 1}
-    validate_manifest(manifest, query_volumes)
+    manifest = registration_manifest("registered", ckpt, refs_, vols, n=n, seed=seed, fold=fold,
+                                     class_name=class_name, query_volumes=query_volumes, described="registered")
     checks = PairChecks(max_folded_share=max_folded_share, min_similarity=min_similarity,
                         min_area_ratio=min_area_ratio, max_area_ratio=max_area_ratio, min_fragment_px=min_fragment_px)
     try:

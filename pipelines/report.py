@@ -122,7 +122,11 @@ def _tests_table(tests: list[dict], protocol: str) -> list[str]:
 
 
 def verdict_lines(tests: list[dict]) -> list[str]:
-    """One sentence per (protocol, model, arm, reference) over all classes, primary first; Holm-adjusted p."""
+    """One sentence per (protocol, model, arm, reference) over all classes, primary first; Holm-adjusted p.
+    A run without a control or augmented arm (a baseline and a ceiling, say) says so instead of staying silent."""
+    if not any(t["class"] == ALL for t in tests):
+        return ["- No control or augmented arm was compared with the baseline in this run, so nothing was tested "
+                "and there is no verdict. Diagnostic arms are ceilings: read them in the mean Dice table."]
     out = []
     for t in sorted((t for t in tests if t["class"] == ALL), key=lambda t: not t["primary"]):
         head = f"- {t['protocol']} {t['model']}{' (primary comparison)' if t['primary'] else ''}: **{t['arm']}**"
@@ -242,7 +246,7 @@ def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict
     protocols = list(dict.fromkeys(r["protocol"] for r in summary))
     has_post = any("mean_post" in r for r in summary)
     lines = [f"# {title}", "", scoring.line(has_post), "", "## Verdict", ""]
-    lines += verdict_lines(tests) + [""] + _unit_paragraph(len(tests))
+    lines += verdict_lines(tests) + [""] + (_unit_paragraph(len(tests)) if tests else [])
     lines += _failed_units(context.get("failed_units", []))
     lines += _ceiling_lines(list(ceiling))
     if notes:

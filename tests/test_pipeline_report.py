@@ -162,3 +162,13 @@ def test_report_command_on_a_missing_file(tmp_path, capsys):
     assert main(["report", str(tmp_path / "none.json"), "--out", str(tmp_path / "o")]) == 2
     assert "none.json: cannot read the results file (No such file or directory)" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_with_only_a_baseline_and_a_ceiling_says_that_nothing_was_tested(tmp_path):
+    rows = _rows("real-only", 0.0) + [r | {"arm": "oracle", "role": "diagnostic"} for r in _rows("oracle", 0.05)]
+    results = _build(tmp_path, rows)
+    report = (tmp_path / "report.md").read_text()
+    verdict = report.split("## Verdict")[1].split("## EP1")[0]
+    assert results["tests"] == [] and "nothing was tested and there is no verdict" in verdict
+    assert "p-values are Holm-adjusted" not in report  # no paragraph about a family of 0 tests
+    assert "| prototype | oracle |" in report  # the ceiling is still in the mean Dice table

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from pipelines.config import Arm, ConfigError, parse
+from pipelines.config import Arm, ConfigError, load, parse
 
 
 def _raw(**over) -> dict:
@@ -89,3 +91,13 @@ def test_roles_are_inferred_once_from_the_sources_when_left_out():
 def test_bad_roles_are_config_errors(arms, protocol, message):
     with pytest.raises(ConfigError, match=message):
         parse(_raw(arms=arms, protocol=protocol))
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_config_loads_and_names_the_command_that_runs_it(path):
+    config = load(path)  # reads no data: the CHAOS configs load on a machine without ../shared
+    assert config.arms and config.name == path.stem
+    assert f"supportforge run configs/{path.name}" in path.read_text(), "its header must name the command"

@@ -124,7 +124,7 @@ def _tests_table(tests: list[dict], protocol: str) -> list[str]:
 def verdict_lines(tests: list[dict]) -> list[str]:
     """One sentence per (protocol, model, arm, reference) over all classes, primary first; Holm-adjusted p.
     A run without a control or augmented arm (a baseline and a ceiling, say) says so instead of staying silent."""
-    if not any(t["class"] == ALL for t in tests):
+    if not tests:
         return ["- No control or augmented arm was compared with the baseline in this run, so nothing was tested "
                 "and there is no verdict. Diagnostic arms are ceilings: read them in the mean Dice table."]
     out = []

@@ -97,6 +97,9 @@ class ProtocolConfig:
     # "queries": the folds' query volumes (the verdict). "training": the folds' training volumes, a validation run
     # for choosing settings without the query volumes' Dice; their labels only score, they never enter a model
     score_on: str = "queries"
+    # an augmented arm declared as the primary comparison before the run: its tests against the baseline and the
+    # controls are adjusted on their own, and gate every other test (None: the best arm, chosen after the run)
+    primary: str | None = None
 
     def __post_init__(self) -> None:
         if self.score_on not in SCORE_ON:
@@ -243,6 +246,7 @@ class ExperimentConfig:
         _no_repeats("models", self.models)
         check_roles(self.arms, diagnostic=self.protocol.diagnostic)
         check_label_sources(self.arms, score_on=self.protocol.score_on)
+        check_primary(self.arms, self.protocol.primary)
         if self.data.path is None:
             return
         data = Path(self.data.path).resolve()
@@ -440,6 +444,15 @@ def check_roles(arms: tuple[Arm, ...], *, diagnostic: bool) -> None:
     if diagnostics and not diagnostic:
         raise ConfigError(f"arms {diagnostics} have role = \"diagnostic\" outside a diagnostic run; set "
                           f"[protocol] diagnostic = true, or give them another role")
+
+
+def check_primary(arms: tuple[Arm, ...], primary: str | None) -> None:
+    """A declared primary comparison names an augmented arm: the question is whether synthetic pairs help."""
+    augmented = [a.name for a in arms if a.role == "augmented"]
+    if primary is not None and primary not in augmented:
+        raise ConfigError(f"[protocol] primary = {primary!r} is not an augmented arm of this config; "
+                          f"choose one of {augmented}" if augmented else
+                          f"[protocol] primary = {primary!r}, but this config has no augmented arm to declare")
 
 
 def check_label_sources(arms: tuple[Arm, ...], *, score_on: str = "queries") -> None:

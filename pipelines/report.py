@@ -121,16 +121,26 @@ def _tests_table(tests: list[dict], protocol: str) -> list[str]:
     return lines
 
 
+# how each family's p was adjusted (`stats.paired_tests`)
+ADJUSTED = {"all": "Holm-adjusted p", "primary": "Holm-adjusted p (primary family)",
+            "secondary": "gated Holm-adjusted p"}
+
+
+def _primary_first(test: dict) -> tuple[bool, bool]:
+    return not test["primary"], test["family"] != "primary"
+
+
 def verdict_lines(tests: list[dict]) -> list[str]:
-    """One sentence per (protocol, model, arm, reference) over all classes, primary first; Holm-adjusted p.
+    """One sentence per (protocol, model, arm, reference) over all classes, primary first; adjusted p.
     A run without a control or augmented arm (a baseline and a ceiling, say) says so instead of staying silent."""
     if not tests:
         return ["- No control or augmented arm was compared with the baseline in this run, so nothing was tested "
                 "and there is no verdict. Diagnostic arms are ceilings: read them in the mean Dice table."]
     out = []
-    for t in sorted((t for t in tests if t["class"] == ALL), key=lambda t: not t["primary"]):
+    for t in sorted((t for t in tests if t["class"] == ALL), key=_primary_first):
         head = f"- {t['protocol']} {t['model']}{' (primary comparison)' if t['primary'] else ''}: **{t['arm']}**"
-        stats_ = (f"95 % CI {_ci(t)}; Wilcoxon p = {_p(t['p_wilcoxon'])}, Holm-adjusted p = {_p(t['p_holm'])}, "
+        stats_ = (f"95 % CI {_ci(t)}; Wilcoxon p = {_p(t['p_wilcoxon'])}, "
+                  f"{ADJUSTED[t['family']]} = {_p(t['p_holm'])}, "
                   f"n = {t['n']} units, {t['dropped_zeros']} zero differences dropped")
         what = {"gain": "beats", "loss": "is worse than"}.get(t["verdict"])
         if what:
@@ -138,8 +148,9 @@ def verdict_lines(tests: list[dict]) -> list[str]:
             continue
         tail = ("Augmentation did not help here." if t["vs_role"] == "baseline"
                 else f"It did not beat the {t['vs']} control here.")
-        out.append(f"{head} is not significantly different from {t['vs']} after the Holm adjustment ({t['verdict']}; mean difference "
-                   f"{_fmt(t['mean_diff'])} points, {stats_}). {tail}")
+        out.append(f"{head} is not significantly different from {t['vs']} after the "
+                   f"{'gated ' if t['family'] == 'secondary' else ''}Holm adjustment ({t['verdict']}; "
+                   f"mean difference {_fmt(t['mean_diff'])} points, {stats_}). {tail}")
     return out
 
 
@@ -201,16 +212,28 @@ class DiceScoring:
         return f"{validation}Dice is scored on the {self.grid} label grid, {step} post-processing (headline).{post}"
 
 
-def _unit_paragraph(n_tests: int) -> list[str]:
+def _unit_paragraph(tests: list[dict]) -> list[str]:
+    primary = [t for t in tests if t["family"] == "primary"]
+    if primary:
+        arm = primary[0]["arm"]
+        families = (f"The primary arm, {arm}, was declared in the config before the run ([protocol] primary): its "
+                    f"{len(primary)} all-classes comparisons with the baseline and the controls are Holm-adjusted "
+                    f"among themselves. The other {len(tests) - len(primary)} p-values are Holm-adjusted among "
+                    "themselves and gated by the primary family (serial gatekeeping: each is raised to the largest "
+                    "primary p, so nothing secondary is claimed unless every primary comparison is); the family-wise "
+                    "error stays at 0.05 over all of them. A gain is claimed only at adjusted p < 0.05 with a "
+                    "positive mean difference and a CI above 0.")
+    else:
+        families = (f"The {len(tests)} p-values are Holm-adjusted over the whole family of comparisons of each "
+                    "(protocol, model); a gain is claimed only at adjusted p < 0.05 with a positive mean difference "
+                    "and a CI above 0. The primary comparison of each model is its best augmented arm (highest mean "
+                    "Dice over all classes) against the baseline; it is chosen after seeing the means, which the "
+                    "family-wide adjustment covers.")
     return ["Unit of every paired test: the query volume of a fold (n = distinct (fold, query)). Each unit's Dice is "
             "averaged over seeds (per-class tests) or over classes and seeds (all classes) before arms are paired: "
             "rows that share a query volume or a fine-tune are not independent. n counts the units with a non-zero "
             "difference, as the Wilcoxon signed-rank test drops zero differences ('dropped zeros' says how many); "
-            "the mean difference, its 95 % bootstrap CI (seeded) and the paired t-test use every unit. "
-            f"The {n_tests} p-values are Holm-adjusted over the whole family of comparisons of each (protocol, "
-            "model); a gain is claimed only at adjusted p < 0.05 with a positive mean difference and a CI above 0. "
-            "The primary comparison of each model is its best augmented arm (highest mean Dice over all classes) "
-            "against the baseline; it is chosen after seeing the means, which the family-wide adjustment covers.", ""]
+            "the mean difference, its 95 % bootstrap CI (seeded) and the paired t-test use every unit. " + families, ""]
 
 
 def _failed_units(failed: list[dict]) -> list[str]:
@@ -246,7 +269,7 @@ def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict
     protocols = list(dict.fromkeys(r["protocol"] for r in summary))
     has_post = any("mean_post" in r for r in summary)
     lines = [f"# {title}", "", scoring.line(has_post), "", "## Verdict", ""]
-    lines += verdict_lines(tests) + [""] + (_unit_paragraph(len(tests)) if tests else [])
+    lines += verdict_lines(tests) + [""] + (_unit_paragraph(tests) if tests else [])
     lines += _failed_units(context.get("failed_units", []))
     lines += _ceiling_lines(list(ceiling))
     if notes:
@@ -273,15 +296,17 @@ def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict
 
 
 def build_report(out: Path, *, title: str, rows: list[dict], arms: list[str], context: dict, quality: list[dict],
-                 scoring: DiceScoring, figures: dict[str, str], filter_dice: float, seed: int = 0) -> None:
+                 scoring: DiceScoring, figures: dict[str, str], filter_dice: float, seed: int = 0,
+                 primary: str | None = None) -> None:
     """Statistics, Dice charts and the report of `rows` in `out`; `figures` (already in `out`) follow the charts.
 
-    `arms` gives the display order; `seed` seeds the bootstrap.
+    `arms` gives the display order; `seed` seeds the bootstrap; `primary` is the arm declared as the primary
+    comparison before the run (`stats.paired_tests`).
     """
     order = {a: i for i, a in enumerate(dict.fromkeys([*arms, *(r["arm"] for r in rows)]))}
     baseline = arm_roles(rows).baseline
     summary = sorted(summarise(rows), key=lambda r: (r["protocol"], r["model"], order[r["arm"]]))
-    tests, notes = paired_tests(rows, seed=seed)
+    tests, notes = paired_tests(rows, seed=seed, primary=primary)
     tests.sort(key=lambda t: (t["protocol"], t["model"], t["vs"] != baseline, order[t["arm"]]))
     charts = {}
     for protocol in dict.fromkeys(r["protocol"] for r in rows):
@@ -343,6 +368,11 @@ def rebuild(results_path: Path, out: Path, *, seed: int = 0) -> Path:
         raise DataError(f"--out {out}: exists and is not a folder")
     context = results.get("context") or {}
     config_arms = [a.get("name") for a in (context.get("config") or {}).get("arms", []) if isinstance(a, dict)]
+    primary = ((context.get("config") or {}).get("protocol") or {}).get("primary")
+    augmented = {r["arm"] for r in results["rows"] if r["role"] == "augmented"}
+    if primary is not None and primary not in augmented:
+        raise DataError(f"{results_path}: the config's [protocol] primary = {primary!r} is not an augmented arm of "
+                        f"its rows; augmented arms: {sorted(augmented)}")
     out.mkdir(parents=True, exist_ok=True)
     figures = {f.stem.replace("_", " "): f.name for pattern in ("overlays_*.png", "pairs_*.png")
                for f in sorted(out.glob(pattern))}
@@ -352,5 +382,5 @@ def rebuild(results_path: Path, out: Path, *, seed: int = 0) -> Path:
                  quality=results.get("quality") or [], figures=figures, seed=seed,
                  scoring=DiceScoring(results["dice_grid"], results["postprocess"],
                                      results.get("score_on", "queries")),
-                 filter_dice=results.get("quality_filter_dice", 0.5))
+                 filter_dice=results.get("quality_filter_dice", 0.5), primary=primary)
     return out / "report.md"

@@ -11,8 +11,9 @@ paired test is the query volume of a fold, (fold, query):
 Per comparison: the mean paired difference over all units with a 95 % bootstrap CI (BCa, seeded), wins and
 losses, the exact two-sided Wilcoxon signed-rank p (zero differences dropped from n, as Wilcoxon does, and
 counted), and the paired t-test p beside it. p-values are Holm-adjusted over the whole family of
-comparisons of a (protocol, model); a gain or loss is claimed only at adjusted p < alpha with a CI that
-excludes 0 on the same side as the mean difference.
+comparisons of a (protocol, model), or, with a primary arm declared before the run, over its primary
+comparisons and, gated by them, over the rest (`paired_tests`); a gain or loss is claimed only at adjusted
+p < alpha with a CI that excludes 0 on the same side as the mean difference.
 
 An arm whose mask-consistency filter kept zero synthetic pairs in a (fold, seed, class) unit (row field
 `synthetic_pairs` = 0) is not augmented there: those cells leave its tests, with a note saying so.
@@ -252,27 +253,53 @@ def _family(rows: list[dict], protocol: str, model: str, *, seed: int) -> list[d
     return out
 
 
-def paired_tests(rows: list[dict], *, alpha: float = 0.05, seed: int = 0) -> tuple[list[dict], list[str]]:
+def _adjust(family: list[dict], *, alpha: float, name: str, gate: float = 0.0) -> None:
+    """Holm over `family`, each adjusted p raised to at least `gate`; the verdicts follow."""
+    for t, p in zip(family, holm([t["p_wilcoxon"] for t in family])):
+        t["p_holm"] = None if p is None else max(p, gate)
+        t["family"] = name
+        t["verdict"] = verdict(t, alpha=alpha)
+
+
+def paired_tests(rows: list[dict], *, alpha: float = 0.05, seed: int = 0,
+                 primary: str | None = None) -> tuple[list[dict], list[str]]:
     """Every paired comparison, Holm-adjusted per (protocol, model), with the primary one marked; and the
     notes on arms (or cells) left untested because their filter kept zero synthetic pairs.
 
-    The primary comparison of a (protocol, model) is its best tested augmented arm against the baseline, over
-    all classes: the arm with the highest mean Dice over all classes on the cells where it is tested, which
-    is the highest mean difference from the baseline.
+    Without `primary`, the primary comparison of a (protocol, model) is its best tested augmented arm against
+    the baseline over all classes (the highest mean difference), chosen after the run, and one Holm family
+    holds every comparison (`family` = "all"). A `primary` arm is declared before the run: its all-classes
+    comparisons with the baseline and the controls form the "primary" family, Holm-adjusted among themselves;
+    every other comparison is "secondary", Holm-adjusted among the secondary ones and gated by the primary
+    family (serial gatekeeping: a secondary p is raised to the largest primary one, so nothing secondary is
+    claimed unless every primary comparison is). The family-wise error stays at alpha over both.
     """
-    tests = []
+    tests, notes = [], pool_notes(rows)
     for (protocol, model), group in _group(rows, ("protocol", "model")).items():
         family = _family(group, protocol, model, seed=seed)
-        for t, p in zip(family, holm([t["p_wilcoxon"] for t in family])):
-            t["p_holm"] = p
-            t["verdict"] = verdict(t, alpha=alpha)
         roles = arm_roles(group)
-        candidates = [t for t in family if t["vs"] == roles.baseline and t["class"] == ALL
-                      and t["arm"] in roles.candidates()]
-        if candidates:
-            max(candidates, key=lambda t: -np.inf if t["mean_diff"] is None else t["mean_diff"])["primary"] = True
+        if primary is None:
+            _adjust(family, alpha=alpha, name="all")
+            candidates = [t for t in family if t["vs"] == roles.baseline and t["class"] == ALL
+                          and t["arm"] in roles.candidates()]
+            if candidates:
+                max(candidates, key=lambda t: -np.inf if t["mean_diff"] is None else t["mean_diff"])["primary"] = True
+            tests += family
+            continue
+        if primary not in roles.augmented:
+            raise ValueError(f"the declared primary arm {primary!r} is not an augmented arm of {protocol} {model}; "
+                             f"augmented arms: {list(roles.augmented)}")
+        first = [t for t in family if t["arm"] == primary and t["class"] == ALL]
+        _adjust(first, alpha=alpha, name="primary")
+        gate = max((t["p_holm"] for t in first if t["p_holm"] is not None), default=1.0)
+        _adjust([t for t in family if all(t is not f for f in first)], alpha=alpha, name="secondary", gate=gate)
+        for t in first:
+            t["primary"] = t["vs"] == roles.baseline
+        if not first:
+            notes.append(f"{protocol} {model}: the declared primary arm {primary!r} has no test (no synthetic pairs "
+                         f"anywhere), so the gate is closed and no secondary comparison is claimed")
         tests += family
-    return tests, pool_notes(rows)
+    return tests, notes
 
 
 def gap_closed(summary: list[dict]) -> list[dict]:

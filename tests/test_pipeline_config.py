@@ -72,6 +72,8 @@ def test_roles_are_inferred_once_from_the_sources_when_left_out():
         == {"real-only": "augmented", "b": "baseline"}
     assert _roles({"name": "b"}, {"name": "oracle", "sources": ["ddpm"], "role": "diagnostic"}, diagnostic=True) \
         == {"b": "baseline", "oracle": "diagnostic"}
+    assert parse(_raw(protocol={"primary": "ddpm"})).protocol.primary == "ddpm"
+    assert parse(_raw()).protocol.primary is None  # by default the best arm is named after the run
 
 
 @pytest.mark.parametrize("arms, protocol, message", [
@@ -87,6 +89,12 @@ def test_roles_are_inferred_once_from_the_sources_when_left_out():
      r"\[arms.d\] role = 'treatment'; valid roles are \['baseline', 'control', 'augmented', 'diagnostic'\]"),
     ([{"name": "a", "sources": ["ddpm"], "role": "baseline"}], {},
      r"\[arms.a\] role = 'baseline' with sources = \['ddpm'\]; the baseline uses the real supports alone"),
+    ([{"name": "a"}, {"name": "c", "sources": ["classical"]}, {"name": "d", "sources": ["ddpm"]}],
+     {"primary": "c"}, r"\[protocol\] primary = 'c' is not an augmented arm of this config; choose one of \['d'\]"),
+    ([{"name": "a"}, {"name": "d", "sources": ["ddpm"]}], {"primary": "e"},
+     r"\[protocol\] primary = 'e' is not an augmented arm of this config; choose one of \['d'\]"),
+    ([{"name": "a"}, {"name": "c", "sources": ["classical"]}], {"primary": "c"},
+     r"\[protocol\] primary = 'c', but this config has no augmented arm to declare"),
 ])
 def test_bad_roles_are_config_errors(arms, protocol, message):
     with pytest.raises(ConfigError, match=message):

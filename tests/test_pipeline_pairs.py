@@ -112,6 +112,22 @@ def test_the_oracle_is_never_tested_primary_or_in_a_verdict(pairs_run):
     assert "learned" in verdict and "oracle" not in verdict
 
 
+def test_a_primary_declared_in_the_config_is_adjusted_on_its_own_and_gates_the_rest(pairs_run, phantom_dir):
+    out, cache = pairs_run
+    cfg = _config(out.parent, phantom_dir, name="declared", diagnostic='true\nprimary = "learned"')
+    assert main(["run", str(cfg)]) == 0  # every stage but the report comes from the cache
+    undeclared = json.loads((out / "results.json").read_text())["tests"]
+    tests = json.loads((out.parent / "declared" / "results.json").read_text())["tests"]
+    assert [t["family"] for t in undeclared] == ["all"] * len(undeclared)
+    first = [t for t in tests if t["family"] == "primary"]
+    assert [(t["arm"], t["vs"], t["class"], t["primary"]) for t in first] == [("learned", "real-only", "all", True)]
+    assert first[0]["p_holm"] == pytest.approx(first[0]["p_wilcoxon"])  # a family of one is not adjusted
+    rest = [t for t in tests if t["family"] == "secondary"]
+    assert len(rest) == len(tests) - 1 and all(t["p_holm"] >= first[0]["p_holm"] for t in rest if t["p_holm"])
+    report = (out.parent / "declared" / "report.md").read_text()
+    assert "The primary arm, learned, was declared in the config before the run" in report
+
+
 def test_learned_set_records_its_volumes_and_checks_and_oracle_its_true_slices(pairs_run, phantom_data):
     _, cache = pairs_run
     fold = make_folds(phantom_data.ids, phantom_data.spec.n_folds)[0]
@@ -141,6 +157,8 @@ def test_learned_set_records_its_volumes_and_checks_and_oracle_its_true_slices(p
     ('true\nscore_on = "training"', "diagnostic",
      r"\[arms.oracle\] sources = \['oracle'\]: \['oracle'\] read the training volumes' true labels, and "
      r"\[protocol\] score_on = \"training\" scores those volumes; drop the arm from the validation run"),
+    ('true\nprimary = "oracle"', "diagnostic",
+     r"\[protocol\] primary = 'oracle' is not an augmented arm of this config; choose one of \['learned'\]"),
 ])
 def test_an_oracle_arm_outside_a_diagnostic_arm_and_run_stops_at_config_time(phantom_copy, tmp_path, capsys,
                                                                              diagnostic, role, message):

@@ -103,6 +103,18 @@ def test_a_rebuilt_validation_report_still_says_it_scored_the_training_volumes(r
     assert "**Validation run:** the folds' training volumes are scored" in (out / "report.md").read_text()
 
 
+def test_a_rebuilt_report_keeps_the_primary_arm_its_config_declared(results_file, tmp_path):
+    results = json.loads(results_file.read_text())
+    results["context"]["config"] = {"protocol": {"primary": "ddpm"}}
+    results_file.write_text(json.dumps(results))
+    out = tmp_path / "rebuilt"
+    assert main(["report", str(results_file), "--out", str(out)]) == 0
+    tests = json.loads((out / "results.json").read_text())["tests"]
+    assert {(t["arm"], t["vs"]) for t in tests if t["family"] == "primary"} == {("ddpm", "real-only"),
+                                                                                ("ddpm", "classical")}
+    assert "The primary arm, ddpm, was declared in the config before the run" in (out / "report.md").read_text()
+
+
 def _drop(key: str):
     def edit(results: dict) -> None:
         del results[key]
@@ -134,6 +146,9 @@ BAD = {  # case -> (edit of the parsed file or of its text, what the one-line er
     "truncated file": (lambda text: text[: len(text) // 2], "not a valid results JSON"),
     "bad dice_grid": (lambda r: r.update(dice_grid="256"), "dice_grid = '256'; expected one of ['native', 'working']"),
     "bad score_on": (lambda r: r.update(score_on="test"), "score_on = 'test'; expected one of ['queries', 'training']"),
+    "primary not augmented": (lambda r: r["context"].update(config={"protocol": {"primary": "classical"}}),
+                              "the config's [protocol] primary = 'classical' is not an augmented arm of its rows; "
+                              "augmented arms: ['ddpm']"),
 }
 
 

@@ -123,6 +123,33 @@ def test_primary_is_the_best_augmented_arm_and_generators_meet_the_control():
     assert no_baseline.baseline is None and no_baseline.comparisons() == [("ddpm", "classical")]
 
 
+def test_a_declared_primary_is_adjusted_on_its_own_and_gates_every_other_test():
+    # 3 folds x 2 queries, every difference positive: exact p = 1 / 32 for ddpm and gan alike
+    kw = {"folds": (0, 1, 2), "classes": ("x",), "seeds": (0,)}
+    base, gain = _rows("real-only", lambda *a: 0.0, **kw), (lambda c, f, s, q: 0.02 + 0.01 * f + 0.005 * q)
+    mixed = (lambda c, f, s, q: (-1) ** (f + q) * 0.01 * (1 + f))  # signs alternate: no gain
+    undeclared, _ = paired_tests(base + _rows("ddpm", gain, **kw) + _rows("gan", gain, **kw))
+    assert all(t["p_holm"] == pytest.approx(1 / 16) and t["verdict"] != "gain" for t in undeclared)
+    tests, _ = paired_tests(base + _rows("ddpm", gain, **kw) + _rows("gan", gain, **kw), primary="gan")
+    primary, other = _test(tests, "gan"), _test(tests, "ddpm")
+    assert (primary["family"], primary["primary"], other["family"], other["primary"]) == \
+        ("primary", True, "secondary", False)
+    assert primary["p_holm"] == pytest.approx(1 / 32) and primary["verdict"] == "gain"
+    assert other["p_holm"] == pytest.approx(1 / 32) and other["verdict"] == "gain"  # the gate is open
+    closed, _ = paired_tests(base + _rows("ddpm", gain, **kw) + _rows("gan", mixed, **kw), primary="gan")
+    assert _test(closed, "gan")["verdict"] == "no significant difference"
+    assert _test(closed, "ddpm")["p_wilcoxon"] == pytest.approx(1 / 32)
+    gate = _test(closed, "gan")["p_holm"]
+    assert gate > 0.05 and _test(closed, "ddpm")["p_holm"] == pytest.approx(gate)
+    assert _test(closed, "ddpm")["verdict"] == "no significant difference"  # a strong secondary cannot pass a shut gate
+    lines = verdict_lines(closed)
+    assert lines[0].startswith("- EP1 m (primary comparison): **gan**") and "(primary family)" in lines[0]
+    assert "gated Holm-adjusted p" in lines[1]
+    with pytest.raises(ValueError, match=r"the declared primary arm 'real-only' is not an augmented arm of EP1 m; "
+                                         r"augmented arms: \['ddpm'\]"):
+        paired_tests(base + _rows("ddpm", gain, **kw), primary="real-only")
+
+
 def test_roles_come_from_the_rows_not_from_the_arm_names():
     """An arm named `baseline` with role baseline is the reference (n > 0), an arm named `classical` with
     role augmented is tested as an augmentation, and the real arm is never tested as one."""

@@ -99,7 +99,7 @@ class Report(Stage):
     have no rows: results.json lists them; nothing is averaged over them."""
 
     name: ClassVar[str] = "report"
-    version: ClassVar[str] = "5"
+    version: ClassVar[str] = "6"
     experiment: str
     config: dict[str, Any]  # the resolved config, recorded in the report's context
     data: PreparedData
@@ -152,7 +152,7 @@ class Report(Stage):
                             arms=list(self.arms), context=context, quality=quality, figures=figures,
                             scoring=dice_scoring(self.rows, self.evals, self.postprocess,
                                                  self.config["protocol"]["score_on"]),
-                            filter_dice=self.filter_dice)
+                            filter_dice=self.filter_dice, primary=self.config["protocol"].get("primary"))
 
 
 def publish(report_dir: Path, out: Path) -> None:

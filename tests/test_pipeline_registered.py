@@ -92,3 +92,30 @@ def test_a_class_with_no_agreeing_pair_fine_tunes_on_the_real_supports_alone(pha
     assert not [r for r in stages["records"] if r["stage"] == "quality"]  # no quality row for an empty set
     tunes = [r["key"] for r in stages["records"] if r["stage"] == "finetune"]
     assert len(set(tunes)) == 2          # an empty pool is still its own arm's fine-tune, keyed by its set
+
+
+def test_the_overlap_benchmark_splits_a_validation_run_by_the_volumes_that_gave_registered_pairs(phantom_copy,
+                                                                                                 tmp_path, capsys):
+    cfg = tmp_path / "v.toml"
+    cfg.write_text(REGISTERED.format(data=phantom_copy, out=tmp_path / "v", cache=tmp_path / "cache",
+                                     diagnostic='false\nscore_on = "training"', learned=LEARNED))
+    assert main(["run", str(cfg)]) == 0
+    bench, run = benchmark_module("validation_overlap"), tmp_path / "v"
+    [found] = bench.main([str(run), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o")])
+    results = json.loads((run / "results.json").read_text())
+    relabel = next(r for r in json.loads((run / "stages.json").read_text())["records"] if r["stage"] == "relabel")
+    registered = load_set(tmp_path / "cache" / "stages" / "relabel" / relabel["key"] / "set")
+    gave = {p["volume"] for p in registered.manifest["pairs"]}  # one fold, seed and class
+    dice = {(r["arm"], r["query"]): r["dice"] for r in results["rows"]}
+    volumes = {r["query"] for r in results["rows"]}
+    expected = {part: [100 * (dice["registered", v] - dice["real-only", v]) for v in volumes
+                       if (v in gave) == (part == "gave pairs")] for part in ("gave none", "gave pairs")}
+    assert {r["part"]: (r["cells"], r["mean_diff"]) for r in found["rows"]} == \
+        {p: (len(d), pytest.approx(sum(d) / len(d))) for p, d in expected.items() if d}
+    assert (tmp_path / "o.md").read_text().startswith("# How much a validation run favours the registered source")
+    queries = tmp_path / "q"
+    queries.mkdir()
+    (queries / "results.json").write_text(json.dumps(results | {"score_on": "queries"}))
+    with pytest.raises(SystemExit, match="not a validation run"):
+        bench.main([str(queries), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "none")])
+    assert not list(tmp_path.glob("none*"))

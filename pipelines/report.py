@@ -220,7 +220,7 @@ def _unit_paragraph(tests: list[dict]) -> list[str]:
                     f"{len(primary)} all-classes comparisons with the baseline and the controls are Holm-adjusted "
                     f"among themselves. The other {len(tests) - len(primary)} p-values are Holm-adjusted among "
                     "themselves and gated by the primary family (serial gatekeeping: each is raised to the largest "
-                    "primary p, so nothing secondary is claimed unless every primary comparison is); the family-wise "
+                    "primary p, so nothing secondary is claimed unless every primary p is below 0.05); the family-wise "
                     "error stays at 0.05 over all of them. A gain is claimed only at adjusted p < 0.05 with a "
                     "positive mean difference and a CI above 0.")
     else:

@@ -272,7 +272,7 @@ def paired_tests(rows: list[dict], *, alpha: float = 0.05, seed: int = 0,
     comparisons with the baseline and the controls form the "primary" family, Holm-adjusted among themselves;
     every other comparison is "secondary", Holm-adjusted among the secondary ones and gated by the primary
     family (serial gatekeeping: a secondary p is raised to the largest primary one, so nothing secondary is
-    claimed unless every primary comparison is). The family-wise error stays at alpha over both.
+    claimed unless every primary p is below alpha). The family-wise error stays at alpha over both.
     """
     tests, notes = [], pool_notes(rows)
     for (protocol, model), group in _group(rows, ("protocol", "model")).items():

@@ -16,12 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipelines.stats import arm_roles  # noqa: E402
+
 LABEL = re.compile(r"registered fold(\d+) s(\d+) (\S+)$")
 PARTS = ("gave none", "gave pairs")
 
@@ -44,8 +49,8 @@ def split(run: Path, cache: Path) -> dict:
         raise SystemExit(f"{run}: not a validation run (score_on = {results.get('score_on')!r})")
     used = registered_volumes(run, cache)
     dice = {(r["arm"], r["fold"], r["seed"], r["class"], r["query"]): r["dice"] for r in results["rows"]}
-    baseline = next(r["arm"] for r in results["rows"] if r["role"] == "baseline")
-    arms = list(dict.fromkeys(r["arm"] for r in results["rows"] if r["role"] != "baseline"))
+    roles = arm_roles(results["rows"])
+    baseline, arms = roles.baseline, [a for a in roles.order if a != roles.baseline]
     diffs: dict[tuple[str, str], list[float]] = defaultdict(list)
     for (arm, fold, seed, cls, volume), value in dice.items():
         if arm == baseline:

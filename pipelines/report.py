@@ -369,7 +369,7 @@ def rebuild(results_path: Path, out: Path, *, seed: int = 0) -> Path:
     context = results.get("context") or {}
     config_arms = [a.get("name") for a in (context.get("config") or {}).get("arms", []) if isinstance(a, dict)]
     primary = ((context.get("config") or {}).get("protocol") or {}).get("primary")
-    augmented = {r["arm"] for r in results["rows"] if r["role"] == "augmented"}
+    augmented = arm_roles(results["rows"]).augmented
     if primary is not None and primary not in augmented:
         raise DataError(f"{results_path}: the config's [protocol] primary = {primary!r} is not an augmented arm of "
                         f"its rows; augmented arms: {sorted(augmented)}")

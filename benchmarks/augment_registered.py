@@ -32,12 +32,12 @@ sys.path.insert(0, str(ROOT))
 from augment.registered import agreement  # noqa: E402
 from augment.synthesis import load_set  # noqa: E402
 from pipelines.cache import StageCache  # noqa: E402
-from pipelines.config import load  # noqa: E402
+from pipelines.config import Arm, check_teachers, load  # noqa: E402
 from pipelines.runner import load_data, select  # noqa: E402
 from pipelines.stages.base import StageRunner  # noqa: E402
 from pipelines.stages.inputs import support_pairs  # noqa: E402
-from pipelines.stages.unit import (base_segmenters, generator_config, superpixel_stage, synthesis_set,  # noqa: E402
-                                   teacher)
+from pipelines.stages.unit import (ArmModels, base_segmenters, generator_config, superpixel_stage,  # noqa: E402
+                                   synthesis_set)
 from segment import train as seg_train  # noqa: E402
 from segment.predict import make_predictor  # noqa: E402
 
@@ -53,18 +53,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="prototype")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="")
+    p.add_argument("--teacher", default=None,
+                   help="the config's arm whose fine-tuned model relabels (default: the baseline arm): an augmented "
+                        "arm measures a round of self-training")
     return p.parse_args(argv)
 
 
 def measure(cfg, data, fold, seed: int, model: str, classes: tuple[str, ...], sp_entry, runner,
-            shown: dict | None = None) -> list[dict]:
+            shown: dict | None = None, taught_by: Arm | None = None) -> list[dict]:
     """One row per registered candidate of every class: its masks' Dice against the truth, and their agreement.
-    With `shown`, each class's images, masks and agreement go there too, for `draw`."""
+    `taught_by`'s teacher relabels (None: the baseline arm's model). With `shown`, each class's images, masks
+    and agreement go there too, for `draw`."""
     rows = []
     bases = base_segmenters(cfg, data, fold, seed, model, classes, sp_entry, runner)
+    synth = {(s, c): synthesis_set(cfg, data, fold, seed, s, c, classes, sp_entry, runner)
+             for s in cfg.sources for c in classes}
+    made = ArmModels(cfg, data, fold, seed, model, bases, synth, runner)
     for c in classes:
-        syn = load_set(synthesis_set(cfg, data, fold, seed, "registered", c, classes, sp_entry, runner).path / "set")
-        tutor = teacher(cfg, data, fold, seed, model, c, bases[c], runner)
+        syn = load_set(synth["registered", c].path / "set")
+        tutor = made.teacher(taught_by, c)
         real_i, real_m, _ = support_pairs(data, fold, c)
         predicted = (make_predictor(seg_train.load(tutor.path / "model.pt"))(real_i, real_m, syn.images) > 0.5).float()
         cid = data.spec.class_id(c)
@@ -127,6 +134,8 @@ def main(argv=None) -> dict:
     t0 = time.time()
     path = Path(args.config) if Path(args.config).is_absolute() else ROOT / args.config
     cfg = load(path, data=args.data)
+    taught_by = Arm(name="measured", sources=("registered",), role="augmented", teacher=args.teacher)
+    check_teachers((*cfg.arms, taught_by))  # an arm of the config, and never a diagnostic one
     data = load_data(cfg)
     folds, classes = select(cfg, data)
     runner = StageRunner(StageCache(cfg.run.cache), frozenset(), logging.getLogger("augment_registered"))
@@ -134,14 +143,15 @@ def main(argv=None) -> dict:
     shown: dict = {}  # the first fold's pairs, drawn
     rows = [r for k, fold in enumerate(tqdm(folds, desc="folds"))
             for r in measure(cfg, data, fold, args.seed, args.model, classes, sp_entry, runner,
-                             shown if k == 0 else None)]
+                             shown if k == 0 else None, taught_by)]
     n = cfg.synthesis.n_pairs
     per_class = {c: summarise([r for r in rows if r["class"] == c], len(folds), n) for c in classes}
     total = summarise(rows, len(folds) * len(classes), n)
     enough = [float(t) for t, s in total["thresholds"].items() if s["enough"]]
     result = {"config": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name,
               "dataset": data.spec.name, "resolution": data.resolution, "folds": [f.index for f in folds],
-              "seed": args.seed, "model": args.model, "n_pairs": n, "all": total, "per_class": per_class,
+              "seed": args.seed, "model": args.model, "teacher": args.teacher or "the baseline arm", "n_pairs": n,
+              "all": total, "per_class": per_class,
               "chosen_min_agreement": max(enough) if enough else None, "seconds": round(time.time() - t0, 1)}
     out_dir = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -159,8 +169,9 @@ def write(result: dict, out_dir: Path, stem: str) -> None:
              f"{result['resolution']} px, folds {result['folds']}, seed {result['seed']})", "",
              "Dice (%) of each mask against the TRUE mask of the target slice (labels read for this measurement "
              "only). Candidates: training-volume slices with the support mask warped onto them by the learned "
-             "registration, all passing the label-free checks. Teacher: the baseline arm's segmenter, given the "
-             "real supports. Agreement: Dice between the two masks, which needs no label.", "",
+             f"registration, all passing the label-free checks. Teacher: the {result['model']} model of "
+             f"{result['teacher']}, given the real supports. Agreement: Dice between the two masks, which needs no "
+             "label.", "",
              f"All candidates ({total['candidates']}): warped masks {total['warped']}, teacher {total['teacher']}.", "",
              "| min agreement | agreeing pairs | per fold and class | warped masks right (%) | teacher's masks right "
              "(%) |", "|---|---|---|---|---|"]

@@ -154,6 +154,10 @@ class Arm:
     (classical); augmented: an arm under test; diagnostic: an arm that is not an honest method (e.g. an
     oracle), allowed only in a diagnostic run ([protocol] diagnostic = true). Left out in the TOML, the role
     is inferred when the config is read (`infer_roles`), never later from the name.
+
+    `teacher` names the arm whose fine-tuned model relabels this arm's relabelled sources (default: the
+    baseline arm's). Naming an augmented arm is a round of self-training: a model that learned from pairs
+    relabels the candidates again. The teacher is never a diagnostic arm, so the masks stay label-free.
     """
 
     name: str
@@ -163,6 +167,7 @@ class Arm:
     in_training: bool | None = None
     at_test: bool | None = None
     max_test_supports: int | None = None
+    teacher: str | None = None  # the arm whose model relabels this arm's relabelled sources (None: the baseline)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -247,6 +252,7 @@ class ExperimentConfig:
         check_roles(self.arms, diagnostic=self.protocol.diagnostic)
         check_label_sources(self.arms, score_on=self.protocol.score_on)
         check_primary(self.arms, self.protocol.primary)
+        check_teachers(self.arms)
         if self.data.path is None:
             return
         data = Path(self.data.path).resolve()
@@ -453,6 +459,34 @@ def check_primary(arms: tuple[Arm, ...], primary: str | None) -> None:
         raise ConfigError(f"[protocol] primary = {primary!r} is not an augmented arm of this config; "
                           f"choose one of {augmented}" if augmented else
                           f"[protocol] primary = {primary!r}, but this config has no augmented arm to declare")
+
+
+def check_teachers(arms: tuple[Arm, ...]) -> None:
+    """A named teacher is another arm of this config, not a diagnostic one (its model learned true labels), the
+    arm has a source it relabels, and following teachers never comes back to an arm (a model cannot teach
+    the pairs it learns from)."""
+    by_name = {a.name: a for a in arms}
+    for arm in arms:
+        if arm.teacher is None:
+            continue
+        where = f"[arms.{arm.name}] teacher = {arm.teacher!r}"
+        if arm.teacher not in by_name:
+            raise ConfigError(f"{where} is not an arm of this config; choose one of "
+                              f"{[a.name for a in arms if a.name != arm.name]}")
+        if by_name[arm.teacher].role == "diagnostic":
+            raise ConfigError(f"{where} is a diagnostic arm: its model learned the training volumes' true labels, "
+                              f"which would leak into the relabelled masks; name a baseline, control or augmented arm")
+        relabelled = [s for s in arm.sources if s in VOLUME_SOURCES and VOLUME_SOURCES[s].relabelled]
+        if not relabelled:
+            raise ConfigError(f"{where}, but its sources {list(arm.sources)} hold no relabelled source "
+                              f"({[n for n, s in VOLUME_SOURCES.items() if s.relabelled]}); drop the teacher")
+        chain, name = [arm.name], arm.teacher
+        while name is not None:
+            if name in chain:
+                raise ConfigError(f"{where}: the teachers form a loop {' -> '.join([*chain, name])}; a model cannot "
+                                  f"relabel the pairs it is fine-tuned on")
+            chain.append(name)
+            name = by_name[name].teacher
 
 
 def check_label_sources(arms: tuple[Arm, ...], *, score_on: str = "queries") -> None:

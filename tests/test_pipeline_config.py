@@ -109,3 +109,34 @@ def test_every_shipped_config_loads_and_names_the_command_that_runs_it(path):
     config = load(path)  # reads no data: the CHAOS configs load on a machine without ../shared
     assert config.arms and config.name == path.stem
     assert f"supportforge run configs/{path.name}" in path.read_text(), "its header must name the command"
+
+
+def _taught(*arms: dict, diagnostic: bool = False) -> dict:
+    """A config with a baseline, the registered source (relabelled) and `arms`."""
+    return _raw(generators={"learned": {}, "ddpm": {}}, protocol={"diagnostic": diagnostic},
+                arms=[{"name": "real-only"}, {"name": "reg", "sources": ["registered"]}, *arms])
+
+
+def test_an_arm_may_name_the_arm_whose_model_relabels_its_pairs():
+    cfg = parse(_taught({"name": "reg 2", "sources": ["registered"], "teacher": "reg"},
+                        {"name": "reg 3", "sources": ["propagated", "registered"], "teacher": "reg 2"}))
+    assert [a.teacher for a in cfg.arms] == [None, None, "reg", "reg 2"]   # None: the baseline arm's model
+
+
+@pytest.mark.parametrize("arms, diagnostic, message", [
+    ([{"name": "r2", "sources": ["registered"], "teacher": "nobody"}], False,
+     r"\[arms.r2\] teacher = 'nobody' is not an arm of this config; choose one of \['real-only', 'reg'\]"),
+    ([{"name": "o", "sources": ["oracle"], "role": "diagnostic"},
+      {"name": "r2", "sources": ["registered"], "teacher": "o"}], True,
+     r"\[arms.r2\] teacher = 'o' is a diagnostic arm: its model learned the training volumes' true labels"),
+    ([{"name": "p", "sources": ["propagated"], "teacher": "reg"}], False,
+     r"\[arms.p\] teacher = 'reg', but its sources \['propagated'\] hold no relabelled source \(\['registered'\]\)"),
+    ([{"name": "r2", "sources": ["registered"], "teacher": "r2"}], False,
+     r"\[arms.r2\] teacher = 'r2': the teachers form a loop r2 -> r2; a model cannot relabel the pairs it is"),
+    ([{"name": "r2", "sources": ["registered"], "teacher": "r3"},
+      {"name": "r3", "sources": ["registered"], "teacher": "r2"}], False,
+     r"\[arms.r2\] teacher = 'r3': the teachers form a loop r2 -> r3 -> r2"),
+])
+def test_a_bad_teacher_is_a_config_error(arms, diagnostic, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(_taught(*arms, diagnostic=diagnostic))

@@ -41,7 +41,7 @@ def test_registered_pairs_take_the_baseline_arm_s_masks_and_share_its_fine_tune(
     relabelled = [r for r in stages["records"] if r["stage"] == "relabel"]
     tunes = {r["label"].split()[1]: r["key"] for r in stages["records"] if r["stage"] == "finetune"}
     assert len(relabelled) == 1 and set(tunes) == {"real-only", "registered"}
-    assert stages["summary"]["finetune"] == {"ran": 2, "cached": 1}   # the teacher is the real-only arm's fine-tune
+    assert stages["summary"]["finetune"] == {"ran": 2, "cached": 0}   # the teacher IS the real-only arm's fine-tune
     cache = tmp_path / "cache" / "stages"
     syn = load_set(cache / "relabel" / relabelled[0]["key"] / "set")
     assert syn.manifest["relabelled"]["teacher"] == tunes["real-only"]
@@ -119,3 +119,54 @@ def test_the_overlap_benchmark_splits_a_validation_run_by_the_volumes_that_gave_
     with pytest.raises(SystemExit, match="not a validation run"):
         bench.main([str(queries), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "none")])
     assert not list(tmp_path.glob("none*"))
+
+
+ROUND_2 = '[[arms]]\nname = "round 2"\nsources = ["registered"]\nteacher = "{teacher}"\n'
+
+
+def _rounds(tmp: Path, data: Path, teacher: str) -> Path:
+    """real-only, registered (taught by real-only) and round 2 (taught by the arm `teacher` names)."""
+    path = _config(tmp, data, LEARNED)
+    text = path.read_text()
+    path.write_text(text.replace("[run]", ROUND_2.format(teacher=teacher) + "[run]", 1))
+    return path
+
+
+def test_a_round_of_self_training_relabels_the_candidates_with_the_named_arm_s_own_fine_tune(phantom_copy,
+                                                                                              phantom_data, tmp_path):
+    assert main(["run", str(_rounds(tmp_path, phantom_copy, "registered"))]) == 0
+    stages = json.loads((tmp_path / "r" / "stages.json").read_text())
+    tunes = {r["label"].split(" fold")[0].split(" ", 1)[1]: r["key"] for r in stages["records"]
+             if r["stage"] == "finetune"}
+    assert stages["summary"]["finetune"] == {"ran": 3, "cached": 0}   # each arm's model made once, teachers included
+    cache = tmp_path / "cache" / "stages"
+    sets = [load_set(cache / "relabel" / r["key"] / "set") for r in stages["records"] if r["stage"] == "relabel"]
+    assert [s.manifest["relabelled"]["teacher"] for s in sets] == [tunes["real-only"], tunes["registered"]]
+    fold = make_folds(phantom_data.ids, phantom_data.spec.n_folds)[0]
+    real_i, real_m, _ = support_pairs(phantom_data, fold, "liver")
+    round_1 = make_predictor(seg_train.load(cache / "finetune" / tunes["registered"] / "model.pt"))
+    assert torch.equal(sets[1].masks, (round_1(real_i, real_m, sets[1].images) > 0.5).float())
+    pool = json.loads((cache / "finetune" / tunes["round 2"] / "pool.json").read_text())
+    assert pool["synthetic"] == len(sets[1])          # round 2 is fine-tuned on the pairs round 1 relabelled
+
+
+def test_a_teacher_loop_stops_the_run_at_config_time_and_writes_nothing(phantom_copy, tmp_path, capsys):
+    cfg = _rounds(tmp_path, phantom_copy, "round 2")
+    before = snapshot(tmp_path)
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["supportforge: error: [arms.round 2] teacher = 'round 2': the teachers form a loop round 2 -> "
+                   "round 2; a model cannot relabel the pairs it is fine-tuned on"]
+    assert snapshot(tmp_path) == before
+
+
+def test_the_registered_benchmark_measures_a_named_teacher_and_refuses_an_unknown_one(phantom_copy, tmp_path):
+    bench = benchmark_module("augment_registered")
+    cfg = _rounds(tmp_path, phantom_copy, "registered")
+    result = bench.main(["--config", str(cfg), "--out", str(tmp_path / "out"), "--teacher", "registered"])
+    assert result["teacher"] == "registered" and result["all"]["candidates"] > 0
+    assert "Teacher: the prototype model of registered" in (tmp_path / "out" / "augment_registered.md").read_text()
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=r"teacher = 'nobody' is not an arm of this config"):
+        bench.main(["--config", str(cfg), "--out", str(tmp_path / "none"), "--teacher", "nobody"])
+    assert snapshot(tmp_path) == before

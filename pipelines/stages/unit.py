@@ -5,20 +5,21 @@ This is the one module that reads an `ExperimentConfig`; each stage receives onl
 Honesty rules the plan keeps: a generator learns from the fold's training volumes (superpixel masks,
 no labels) and the fold's support pairs only, or pairs made from both (the learned source's warped
 supports); every synthetic set's manifest is checked against the fold's query volumes before use;
-segmenters never see a test-class label, and a relabelled source's masks come from the baseline arm's model,
-which saw none either; every arm of a (fold, seed) unit is fine-tuned for the same
-number of steps, from the same base model, on the same real supports, and scored on the same query volumes.
+segmenters never see a test-class label, and a relabelled source's masks come from the baseline arm's model
+or the model of the arm the config names as its teacher (never a diagnostic one), which saw none either;
+every arm of a (fold, seed) unit is fine-tuned for the same number of steps, from the same base model, on the
+same real supports, and scored on the same query volumes.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from augment.manifest import validate_manifest
 from augment.registry import CLASSICAL, REFINERS, VOLUME_SOURCES, generator, refiner, source_config, volume_source
-from pipelines.config import ExperimentConfig, as_dict
+from pipelines.config import Arm, ExperimentConfig, as_dict
 from pipelines.stages.base import StageEntry, StageRunner
 from pipelines.stages.evaluate import EvalRef, Evaluate
 from pipelines.stages.generators import GeneratorFinetune, GeneratorPretrain, SourceTrain, Superpixels
@@ -122,17 +123,60 @@ def synthesis_set(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: i
     return _synthesis(cfg, data, fold, seed, source, c, excl[c], superpixel_stage(cfg, data), sp_entry, runner)
 
 
-def teacher(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, model: str, c: str, base: StageEntry,
-            runner: StageRunner) -> StageEntry:
-    """The baseline arm's model of class `c`: its fine-tune on the real supports alone (the very entry that arm
-    scores), or the base segmenter when pairs do not enter by fine-tuning. It relabels a relabelled source."""
-    baseline = next(a for a in cfg.arms if a.role == "baseline")
-    syn = baseline.synthesis(cfg.synthesis)
-    if not syn.in_training:
-        return base
-    return runner(Finetune(base=base, class_name=c, steps=syn.finetune_steps, seed=seed, filter_dice=syn.filter_dice,
-                           synthetic_share=syn.synthetic_share, data=data, fold=fold, synthesis=(),
-                           log_label=f"{model} {baseline.name} fold{fold.index} s{seed} {c}"))
+@dataclass
+class ArmModels:
+    """The arms' synthetic sets and models of one (fold, seed, model), each asked of the runner once.
+
+    An arm's relabelled sets take the masks of its teacher's model (the baseline arm's unless the arm names
+    another), and that model may itself be an arm's fine-tune on its own relabelled sets: a round of
+    self-training. `synth` holds the (source, class) sets before relabelling; `bases` the base segmenters.
+    """
+
+    cfg: ExperimentConfig
+    data: PreparedData
+    fold: Fold
+    seed: int
+    model: str
+    bases: dict[str, StageEntry]
+    synth: dict[tuple[str, str], StageEntry]
+    runner: StageRunner
+    made: dict = field(default_factory=dict)
+
+    def teacher(self, arm: Arm | None, c: str) -> StageEntry:
+        """The model of class `c` that relabels `arm`'s relabelled sources (`None`: the baseline arm's)."""
+        name = arm.teacher if arm is not None and arm.teacher else next(
+            a.name for a in self.cfg.arms if a.role == "baseline")
+        return self.tuned(next(a for a in self.cfg.arms if a.name == name), c)
+
+    def tuned(self, arm: Arm, c: str) -> StageEntry:
+        """`arm`'s model of class `c`: the base fine-tuned on the real supports and the arm's sets (the entry the
+        arm scores), or the base itself when pairs do not enter by fine-tuning."""
+        if ("tuned", arm, c) not in self.made:
+            syn = arm.synthesis(self.cfg.synthesis)  # the arm's named overrides
+            self.made["tuned", arm, c] = self.runner(Finetune(
+                base=self.bases[c], class_name=c, steps=syn.finetune_steps, seed=self.seed,
+                filter_dice=syn.filter_dice, synthetic_share=syn.synthetic_share, data=self.data, fold=self.fold,
+                synthesis=self.sets(arm, c),
+                log_label=f"{self.model} {arm.name} fold{self.fold.index} s{self.seed} {c}",
+            )) if syn.in_training else self.bases[c]
+        return self.made["tuned", arm, c]
+
+    def sets(self, arm: Arm, c: str) -> tuple[StageEntry, ...]:
+        """Class `c`'s synthetic sets of `arm`, one per source."""
+        return tuple(self.relabelled(s, c, arm) if s in VOLUME_SOURCES and volume_source(s).relabelled
+                     else self.synth[s, c] for s in arm.sources)
+
+    def relabelled(self, source: str, c: str, arm: Arm | None = None) -> StageEntry:
+        """`source`'s set of class `c` with the masks of `arm`'s teacher, kept where they agree with the source's."""
+        tutor = self.teacher(arm, c)
+        if ("relabel", source, c, tutor.key) not in self.made:
+            entry = self.runner(Relabel(
+                source=source, class_name=c, seed=self.seed, data=self.data, fold=self.fold,
+                pairs=self.synth[source, c], teacher=tutor, n=self.cfg.synthesis.n_pairs,
+                min_agreement=generator_config(self.cfg, source, self.seed).min_agreement))
+            validate_manifest(json.loads((entry.path / "set" / "manifest.json").read_text()), self.fold.queries)
+            self.made["relabel", source, c, tutor.key] = entry
+        return self.made["relabel", source, c, tutor.key]
 
 
 def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, classes: tuple[str, ...],
@@ -148,21 +192,18 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
     rows, evals, quality = [], [], []
     for model in cfg.models:
         base_of = base_segmenters(cfg, data, fold, seed, model, classes, sp_entry, runner)
-        # 3. a relabelled source's pairs take this model's own masks, where they agree with the source's
-        sets = {(s, c): _relabelled(cfg, data, fold, seed, model, s, c, entry, base_of[c], runner)
-                if s in VOLUME_SOURCES and volume_source(s).relabelled else entry for (s, c), entry in synth.items()}
+        made = ArmModels(cfg, data, fold, seed, model, base_of, synth, runner)
+        # 3. a relabelled source's pairs take the baseline model's masks, where they agree with the source's
+        sets = {(s, c): made.relabelled(s, c) if s in VOLUME_SOURCES and volume_source(s).relabelled else entry
+                for (s, c), entry in synth.items()}
         if model == cfg.models[0]:  # 4. quality of every synthetic set, judged by the first model's base segmenter
             quality += [runner(Quality(source=s, class_name=c, seed=seed, data=data, fold=fold, synthesis=entry,
                                        base=base_of[c])) for (s, c), entry in sets.items() if _size(entry)]
-            synth = sets  # what the report draws
-        for arm in cfg.arms:
-            syn = arm.synthesis(cfg.synthesis)  # the arm's named overrides
-            arm_sets = {c: tuple(sets[s, c] for s in arm.sources) for c in classes}
-            tuned = {c: runner(Finetune(base=base_of[c], class_name=c, steps=syn.finetune_steps, seed=seed,
-                                        filter_dice=syn.filter_dice, synthetic_share=syn.synthetic_share,
-                                        data=data, fold=fold, synthesis=arm_sets[c],
-                                        log_label=f"{model} {arm.name} fold{fold.index} s{seed} {c}"))
-                     if syn.in_training else base_of[c] for c in classes}
+            drawn = sets  # what the report draws
+        for arm in cfg.arms:  # 5. each arm fine-tuned per class (relabelled sets taught by the arm's teacher), scored
+            syn = arm.synthesis(cfg.synthesis)
+            arm_sets = {c: made.sets(arm, c) for c in classes}
+            tuned = {c: made.tuned(arm, c) for c in classes}
             pools = {c: _synthetic_pool(tuned[c].path) if arm.sources and syn.in_training else None for c in classes}
             at_test = syn.at_test and any(arm_sets.values())
             for protocol in cfg.protocol.protocols:
@@ -175,17 +216,7 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
                 rows += [r | {"synthetic_pairs": pools[r["class"]]}
                          for r in json.loads((entry.path / "rows.json").read_text())["rows"]]
                 evals.append(EvalRef(model, arm.name, protocol, fold.index, seed, entry))
-    return rows, UnitArtifacts(fold.index, seed, synth, tuple(evals), tuple(quality))
-
-
-def _relabelled(cfg: ExperimentConfig, data, fold, seed, model: str, source: str, c: str, pairs: StageEntry,
-                base: StageEntry, runner) -> StageEntry:
-    """`pairs` with the masks of the `teacher` of class `c`, kept where they agree with the source's."""
-    entry = runner(Relabel(source=source, class_name=c, seed=seed, data=data, fold=fold, pairs=pairs,
-                           teacher=teacher(cfg, data, fold, seed, model, c, base, runner),
-                           min_agreement=generator_config(cfg, source, seed).min_agreement, n=cfg.synthesis.n_pairs))
-    validate_manifest(json.loads((entry.path / "set" / "manifest.json").read_text()), fold.queries)
-    return entry
+    return rows, UnitArtifacts(fold.index, seed, drawn, tuple(evals), tuple(quality))
 
 
 def _size(entry: StageEntry) -> int:

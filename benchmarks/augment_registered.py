@@ -86,6 +86,14 @@ def measure(cfg, data, fold, seed: int, model: str, classes: tuple[str, ...], sp
     return rows
 
 
+def _kept(agreeing: list[dict], n: int) -> list[dict]:
+    """The pairs `relabel` keeps of those that agree: the `n` best agreeing of each fold and class."""
+    units: dict = {}
+    for r in agreeing:
+        units.setdefault((r["fold"], r["class"]), []).append(r)
+    return [r for rs in units.values() for r in sorted(rs, key=lambda r: -r["agreement"])[:n]]
+
+
 def summarise(rows: list[dict], n_units: int, n_pairs: int) -> dict:
     """Accuracy of all candidates, and per threshold of those that agree (the pairs relabel may keep)."""
     pct = lambda xs: round(100 * float(np.mean(xs)), 1) if xs else None  # noqa: E731
@@ -93,9 +101,11 @@ def summarise(rows: list[dict], n_units: int, n_pairs: int) -> dict:
            "teacher": pct([r["teacher"] for r in rows]), "thresholds": {}}
     for t in THRESHOLDS:
         ok = [r for r in rows if r["agreement"] >= t and not r["teacher_empty"]]
+        kept = _kept(ok, n_pairs)
         out["thresholds"][str(t)] = {"agreeing": len(ok), "per_unit": round(len(ok) / n_units, 1),
                                      "warped": pct([r["warped"] for r in ok]),
                                      "teacher": pct([r["teacher"] for r in ok]),
+                                     "kept": len(kept), "kept_teacher": pct([r["teacher"] for r in kept]),
                                      "enough": len(ok) / n_units >= n_pairs}
     return out
 
@@ -174,9 +184,11 @@ def write(result: dict, out_dir: Path, stem: str) -> None:
              "label.", "",
              f"All candidates ({total['candidates']}): warped masks {total['warped']}, teacher {total['teacher']}.", "",
              "| min agreement | agreeing pairs | per fold and class | warped masks right (%) | teacher's masks right "
-             "(%) |", "|---|---|---|---|---|"]
+             f"(%) | kept (the {result['n_pairs']} best agreeing per fold and class) | kept masks right (%) |",
+             "|---|---|---|---|---|---|---|"]
     for t, s in total["thresholds"].items():
-        lines.append(f"| {t} | {s['agreeing']} | {s['per_unit']} | {s['warped']} | {s['teacher']} |")
+        lines.append(f"| {t} | {s['agreeing']} | {s['per_unit']} | {s['warped']} | {s['teacher']} | {s['kept']} | "
+                     f"{s['kept_teacher']} |")
     chosen = result["chosen_min_agreement"]
     lines += ["", f"Chosen `min_agreement`: **{chosen}**, the highest threshold keeping at least {result['n_pairs']} "
               "agreeing pairs per fold and class on average.", "",

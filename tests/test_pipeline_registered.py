@@ -73,6 +73,8 @@ def test_the_registered_benchmark_measures_every_candidate_and_chooses_by_the_pa
     assert result["all"]["candidates"] == sum(len(s) for s in sets) > 0
     agreeing = [s["agreeing"] for s in result["all"]["thresholds"].values()]
     assert agreeing == sorted(agreeing, reverse=True)                 # a stricter threshold keeps fewer pairs
+    assert [s["kept"] for s in result["all"]["thresholds"].values()] == \
+        [min(a, result["n_pairs"]) for a in agreeing]                  # one fold and class: its n best agreeing
     enough = [float(t) for t, s in result["all"]["thresholds"].items() if s["per_unit"] >= result["n_pairs"]]
     assert result["chosen_min_agreement"] == (max(enough) if enough else None)
     report = (tmp_path / "out" / "augment_registered.md").read_text()

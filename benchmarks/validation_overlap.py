@@ -32,15 +32,16 @@ PARTS = ("gave none", "gave pairs")
 
 
 def registered_volumes(run: Path, cache: Path) -> dict[tuple[int, int, str], set[str]]:
-    """(fold, seed, class) -> the volumes that gave the run's registered set of that unit a pair."""
-    out = {}
+    """(fold, seed, class) -> the volumes that gave any of the run's registered sets of that unit a pair (one per
+    teacher: rounds of self-training keep different pairs)."""
+    out: dict[tuple[int, int, str], set[str]] = defaultdict(set)
     for r in json.loads((run / "stages.json").read_text())["records"]:
         match = LABEL.match(r["label"]) if r["stage"] == "relabel" else None
         if match:
             manifest = json.loads((cache / "stages" / "relabel" / r["key"] / "set" / "manifest.json").read_text())
             fold, seed, cls = int(match[1]), int(match[2]), match[3]
-            out[fold, seed, cls] = {p["volume"] for p in manifest["pairs"]}
-    return out
+            out[fold, seed, cls] |= {p["volume"] for p in manifest["pairs"]}
+    return dict(out)
 
 
 def split(run: Path, cache: Path) -> dict:
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     found = [split(run, args.cache) for run in args.runs]  # every run checked before anything is written
     lines = ["# How much a validation run favours the registered source", "",
              "Mean difference from the baseline (Dice points) per scored cell (fold, seed, class, training volume), "
-             "split by whether that volume gave the unit's registered set a pair. Descriptive: no test.", "",
+             "split by whether that volume gave any registered set of the unit a pair. Descriptive: no test.", "",
              "| run | arm | cells, volume gave no pair | diff | cells, volume gave pairs | diff |",
              "|---|---|---|---|---|---|"]
     for f in found:

@@ -172,3 +172,17 @@ def test_the_registered_benchmark_measures_a_named_teacher_and_refuses_an_unknow
     with pytest.raises(ConfigError, match=r"teacher = 'nobody' is not an arm of this config"):
         bench.main(["--config", str(cfg), "--out", str(tmp_path / "none"), "--teacher", "nobody"])
     assert snapshot(tmp_path) == before
+
+
+def test_the_overlap_benchmark_counts_a_volume_that_gave_any_round_s_set_a_pair(tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    run.mkdir()
+    records = []
+    for key, volumes in (("round1", ["3", "5"]), ("round2", ["5", "7"])):  # two teachers keep different pairs
+        (cache / "stages" / "relabel" / key / "set").mkdir(parents=True)
+        manifest = {"pairs": [{"volume": v, "slice": 0} for v in volumes]}
+        (cache / "stages" / "relabel" / key / "set" / "manifest.json").write_text(json.dumps(manifest))
+        records.append({"stage": "relabel", "label": "registered fold2 s1 liver", "key": key})
+    (run / "stages.json").write_text(json.dumps({"records": records}))
+    found = benchmark_module("validation_overlap").registered_volumes(run, cache)
+    assert found == {(2, 1, "liver"): {"3", "5", "7"}}

@@ -163,8 +163,13 @@ class ArmModels:
 
     def sets(self, arm: Arm, c: str) -> tuple[StageEntry, ...]:
         """Class `c`'s synthetic sets of `arm`, one per source."""
-        return tuple(self.relabelled(s, c, arm) if s in VOLUME_SOURCES and volume_source(s).relabelled
-                     else self.synth[s, c] for s in arm.sources)
+        return tuple(self.set_of(s, c, arm) for s in arm.sources)
+
+    def set_of(self, source: str, c: str, arm: Arm | None = None) -> StageEntry:
+        """`source`'s set of class `c` as `arm` uses it: relabelled by the arm's teacher where the source is
+        relabelled (`None`: by the baseline arm's model)."""
+        relabelled = source in VOLUME_SOURCES and volume_source(source).relabelled
+        return self.relabelled(source, c, arm) if relabelled else self.synth[source, c]
 
     def relabelled(self, source: str, c: str, arm: Arm | None = None) -> StageEntry:
         """`source`'s set of class `c` with the masks of `arm`'s teacher, kept where they agree with the source's."""
@@ -194,8 +199,7 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
         base_of = base_segmenters(cfg, data, fold, seed, model, classes, sp_entry, runner)
         made = ArmModels(cfg, data, fold, seed, model, base_of, synth, runner)
         # 3. a relabelled source's pairs take the baseline model's masks, where they agree with the source's
-        sets = {(s, c): made.relabelled(s, c) if s in VOLUME_SOURCES and volume_source(s).relabelled else entry
-                for (s, c), entry in synth.items()}
+        sets = {(s, c): made.set_of(s, c) for (s, c) in synth}
         if model == cfg.models[0]:  # 4. quality of every synthetic set, judged by the first model's base segmenter
             quality += [runner(Quality(source=s, class_name=c, seed=seed, data=data, fold=fold, synthesis=entry,
                                        base=base_of[c])) for (s, c), entry in sets.items() if _size(entry)]

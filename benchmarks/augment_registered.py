@@ -67,7 +67,7 @@ def measure(cfg, data, fold, seed: int, model: str, classes: tuple[str, ...], sp
     rows = []
     bases = base_segmenters(cfg, data, fold, seed, model, classes, sp_entry, runner)
     synth = {(s, c): synthesis_set(cfg, data, fold, seed, s, c, classes, sp_entry, runner)
-             for s in cfg.sources for c in classes}
+             for s in _taught_on(cfg, taught_by) for c in classes}
     made = ArmModels(cfg, data, fold, seed, model, bases, synth, runner)
     for c in classes:
         syn = load_set(synth["registered", c].path / "set")
@@ -84,6 +84,16 @@ def measure(cfg, data, fold, seed: int, model: str, classes: tuple[str, ...], sp
             rows.append({"fold": fold.index, "class": c, "warped": float(warped), "teacher": float(taught),
                          "agreement": float(agree), "teacher_empty": bool(predicted[k].sum() == 0)})
     return rows
+
+
+def _taught_on(cfg, arm: Arm | None) -> list[str]:
+    """The registered source and the sources of every teacher up `arm`'s chain: the sets they need."""
+    by_name, out = {a.name: a for a in cfg.arms}, {"registered"}
+    name = arm.teacher if arm is not None else None
+    while name is not None:
+        out |= set(by_name[name].sources)
+        name = by_name[name].teacher
+    return sorted(out)
 
 
 def _kept(agreeing: list[dict], n: int) -> list[dict]:

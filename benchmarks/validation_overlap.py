@@ -4,12 +4,13 @@ training volumes such a run scores.
 A validation run (`[protocol] score_on = "training"`) scores each fold's training volumes. The registered
 source's pairs are slices of those volumes with label-free masks, so an arm fine-tuned on them has seen part
 of what it is scored on (never its labels). This splits every scored cell (fold, seed, class, volume) of a
-finished validation run by whether the volume gave that unit a registered pair (from the run's relabel
-manifests in the stage cache), and gives each arm's mean difference from the baseline on both parts. Only
-files are read; nothing is trained or scored. Writes benchmarks/results/validation_overlap.json and .md.
+finished validation run by whether the volume gave that unit a registered pair, in any of its relabelled
+sets (one per teacher; from the run's relabel manifests in the stage cache), and gives each arm's mean
+difference from the baseline on both parts. Only files are read; nothing is trained or scored. Writes
+benchmarks/results/validation_overlap.json and .md.
 
     .venv/bin/python benchmarks/validation_overlap.py runs/abd_mri_pairs_cpu_validate_conditional_ft100 \
-        runs/abd_mri_pairs_cpu_validate_conditional_ft300
+        runs/abd_mri_pairs_cpu_validate_conditional_ft300 runs/abd_mri_pairs_cpu_validate_conditional_rounds
 """
 from __future__ import annotations
 

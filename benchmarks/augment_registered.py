@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from augment.registered import agreement  # noqa: E402
 from augment.synthesis import load_set  # noqa: E402
 from pipelines.cache import StageCache  # noqa: E402
-from pipelines.config import Arm, check_teachers, load  # noqa: E402
+from pipelines.config import Arm, check_teachers, load, teacher_chain  # noqa: E402
 from pipelines.runner import load_data, select  # noqa: E402
 from pipelines.stages.base import StageRunner  # noqa: E402
 from pipelines.stages.inputs import support_pairs  # noqa: E402
@@ -88,12 +88,8 @@ def measure(cfg, data, fold, seed: int, model: str, classes: tuple[str, ...], sp
 
 def _taught_on(cfg, arm: Arm | None) -> list[str]:
     """The registered source and the sources of every teacher up `arm`'s chain: the sets they need."""
-    by_name, out = {a.name: a for a in cfg.arms}, {"registered"}
-    name = arm.teacher if arm is not None else None
-    while name is not None:
-        out |= set(by_name[name].sources)
-        name = by_name[name].teacher
-    return sorted(out)
+    chain = teacher_chain(cfg.arms, arm) if arm is not None else ()
+    return sorted({"registered"} | {s for a in chain for s in a.sources})
 
 
 def _kept(agreeing: list[dict], n: int) -> list[dict]:

@@ -466,9 +466,8 @@ def check_teachers(arms: tuple[Arm, ...]) -> None:
     arm has a source it relabels, and following teachers never comes back to an arm (a model cannot teach
     the pairs it learns from)."""
     by_name = {a.name: a for a in arms}
-    for arm in arms:
-        if arm.teacher is None:
-            continue
+    taught = [a for a in arms if a.teacher is not None]
+    for arm in taught:  # every name first, so that following the chains below meets only known arms
         where = f"[arms.{arm.name}] teacher = {arm.teacher!r}"
         if arm.teacher not in by_name:
             raise ConfigError(f"{where} is not an arm of this config; choose one of "
@@ -480,13 +479,21 @@ def check_teachers(arms: tuple[Arm, ...]) -> None:
         if not relabelled:
             raise ConfigError(f"{where}, but its sources {list(arm.sources)} hold no relabelled source "
                               f"({[n for n, s in VOLUME_SOURCES.items() if s.relabelled]}); drop the teacher")
-        chain, name = [arm.name], arm.teacher
-        while name is not None:
-            if name in chain:
-                raise ConfigError(f"{where}: the teachers form a loop {' -> '.join([*chain, name])}; a model cannot "
-                                  f"relabel the pairs it is fine-tuned on")
-            chain.append(name)
-            name = by_name[name].teacher
+    for arm in taught:
+        teacher_chain(arms, arm)
+
+
+def teacher_chain(arms: tuple[Arm, ...], arm: Arm) -> tuple[Arm, ...]:
+    """The arms whose models teach `arm`'s, nearest first: its teacher, that arm's teacher, and so on (empty:
+    the baseline teaches). Teachers that come back to an arm are a config error."""
+    by_name, chain, name = {a.name: a for a in arms}, [arm.name], arm.teacher
+    while name is not None:
+        if name in chain:
+            raise ConfigError(f"[arms.{arm.name}] teacher = {arm.teacher!r}: the teachers form a loop "
+                              f"{' -> '.join([*chain, name])}; a model cannot relabel the pairs it is fine-tuned on")
+        chain.append(name)
+        name = by_name[name].teacher
+    return tuple(by_name[n] for n in chain[1:])
 
 
 def check_label_sources(arms: tuple[Arm, ...], *, score_on: str = "queries") -> None:

@@ -136,6 +136,9 @@ def test_an_arm_may_name_the_arm_whose_model_relabels_its_pairs():
     ([{"name": "r2", "sources": ["registered"], "teacher": "r3"},
       {"name": "r3", "sources": ["registered"], "teacher": "r2"}], False,
      r"\[arms.r2\] teacher = 'r3': the teachers form a loop r2 -> r3 -> r2"),
+    ([{"name": "r2", "sources": ["registered"], "teacher": "r3"},
+      {"name": "r3", "sources": ["registered"], "teacher": "nobody"}], False,
+     r"\[arms.r3\] teacher = 'nobody' is not an arm of this config"),   # a chain that ends at an unknown arm
 ])
 def test_a_bad_teacher_is_a_config_error(arms, diagnostic, message):
     with pytest.raises(ConfigError, match=message):

@@ -36,7 +36,7 @@ SAMPLES: list[Stage] = [
     Synthesis(source="ddpm", class_name="liver", n=4, seed=0, deform=DeformConfig(), generator=ENTRY,
               sampling={"steps": 2}, **COMMON),
     Relabel(source="registered", class_name="liver", seed=0, pairs=ENTRY, teacher=ENTRY, min_agreement=0.7, n=12,
-            **COMMON),
+            log_label="a", **COMMON),
     Quality(source="ddpm", class_name="liver", seed=0, synthesis=ENTRY, base=ENTRY, **COMMON),
     Segmenter(config=SegmenterConfig(), excluded=(1,), setting=1, superpixels=ENTRY, cache_dir="c", **COMMON),
     SourceTrain(source="learned", config=LearnedConfig(), **COMMON),

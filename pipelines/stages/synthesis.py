@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from augment.manifest import refs
 from augment.config import DeformConfig
 from augment.registry import CHECKPOINT_FILE, CLASSICAL, VOLUME_SOURCES, refiner, volume_source
-from pipelines.stages.base import Stage, StageEntry
+from pipelines.stages.base import Stage, StageEntry, context
 from pipelines.stages.inputs import support_pairs
 from segment.data.protocol import Fold
 from segment.data.slices import PreparedData
@@ -119,10 +119,11 @@ class Relabel(Stage):
     teacher: StageEntry
     min_agreement: float
     n: int
+    log_label: str = context()  # source, teacher arm, fold, seed and class: the key names the teacher's model only
 
     @property
     def label(self) -> str:
-        return f"{self.source} fold{self.fold.index} s{self.seed} {self.class_name}"
+        return self.log_label
 
     def produce(self, folder: Path) -> None:
         from augment.registered import relabel

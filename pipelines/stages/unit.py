@@ -142,10 +142,14 @@ class ArmModels:
     runner: StageRunner
     made: dict = field(default_factory=dict)
 
+    def teacher_name(self, arm: Arm | None) -> str:
+        """The arm whose model relabels `arm`'s relabelled sources (`None`: the baseline arm)."""
+        return arm.teacher if arm is not None and arm.teacher else next(
+            a.name for a in self.cfg.arms if a.role == "baseline")
+
     def teacher(self, arm: Arm | None, c: str) -> StageEntry:
         """The model of class `c` that relabels `arm`'s relabelled sources (`None`: the baseline arm's)."""
-        name = arm.teacher if arm is not None and arm.teacher else next(
-            a.name for a in self.cfg.arms if a.role == "baseline")
+        name = self.teacher_name(arm)
         return self.tuned(next(a for a in self.cfg.arms if a.name == name), c)
 
     def tuned(self, arm: Arm, c: str) -> StageEntry:
@@ -171,6 +175,16 @@ class ArmModels:
         relabelled = source in VOLUME_SOURCES and volume_source(source).relabelled
         return self.relabelled(source, c, arm) if relabelled else self.synth[source, c]
 
+    def drawn(self) -> dict[tuple[str, str], StageEntry]:
+        """Every set the arms use, once, by (name, class) for the report: a relabelled source once per teacher,
+        named "SOURCE, taught by ARM" where that teacher is not the baseline arm."""
+        sets = {(s, c): self.set_of(s, c) for (s, c) in self.synth}
+        for arm in self.cfg.arms:
+            for s, c in self.synth:
+                if s in arm.sources and self.set_of(s, c, arm) != sets[s, c]:
+                    sets[f"{s}, taught by {self.teacher_name(arm)}", c] = self.set_of(s, c, arm)
+        return sets
+
     def relabelled(self, source: str, c: str, arm: Arm | None = None) -> StageEntry:
         """`source`'s set of class `c` with the masks of `arm`'s teacher, kept where they agree with the source's."""
         tutor = self.teacher(arm, c)
@@ -178,7 +192,8 @@ class ArmModels:
             entry = self.runner(Relabel(
                 source=source, class_name=c, seed=self.seed, data=self.data, fold=self.fold,
                 pairs=self.synth[source, c], teacher=tutor, n=self.cfg.synthesis.n_pairs,
-                min_agreement=generator_config(self.cfg, source, self.seed).min_agreement))
+                min_agreement=generator_config(self.cfg, source, self.seed).min_agreement,
+                log_label=f"{source} taught by {self.teacher_name(arm)} fold{self.fold.index} s{self.seed} {c}"))
             validate_manifest(json.loads((entry.path / "set" / "manifest.json").read_text()), self.fold.queries)
             self.made["relabel", source, c, tutor.key] = entry
         return self.made["relabel", source, c, tutor.key]
@@ -198,13 +213,7 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
     for model in cfg.models:
         base_of = base_segmenters(cfg, data, fold, seed, model, classes, sp_entry, runner)
         made = ArmModels(cfg, data, fold, seed, model, base_of, synth, runner)
-        # 3. a relabelled source's pairs take the baseline model's masks, where they agree with the source's
-        sets = {(s, c): made.set_of(s, c) for (s, c) in synth}
-        if model == cfg.models[0]:  # 4. quality of every synthetic set, judged by the first model's base segmenter
-            quality += [runner(Quality(source=s, class_name=c, seed=seed, data=data, fold=fold, synthesis=entry,
-                                       base=base_of[c])) for (s, c), entry in sets.items() if _size(entry)]
-            drawn = sets  # what the report draws
-        for arm in cfg.arms:  # 5. each arm fine-tuned per class (relabelled sets taught by the arm's teacher), scored
+        for arm in cfg.arms:  # 3. each arm fine-tuned per class (relabelled sets taught by the arm's teacher), scored
             syn = arm.synthesis(cfg.synthesis)
             arm_sets = {c: made.sets(arm, c) for c in classes}
             tuned = {c: made.tuned(arm, c) for c in classes}
@@ -220,6 +229,10 @@ def run_unit(cfg: ExperimentConfig, data: PreparedData, fold: Fold, seed: int, c
                 rows += [r | {"synthetic_pairs": pools[r["class"]]}
                          for r in json.loads((entry.path / "rows.json").read_text())["rows"]]
                 evals.append(EvalRef(model, arm.name, protocol, fold.index, seed, entry))
+        if model == cfg.models[0]:  # 4. quality of every set the arms used, judged by the first model's base segmenter
+            drawn = made.drawn()  # what the report draws: a relabelled source once per teacher
+            quality += [runner(Quality(source=s, class_name=c, seed=seed, data=data, fold=fold, synthesis=entry,
+                                       base=base_of[c])) for (s, c), entry in drawn.items() if _size(entry)]
     return rows, UnitArtifacts(fold.index, seed, drawn, tuple(evals), tuple(quality))
 
 

@@ -99,8 +99,8 @@ def main(argv=None) -> dict:
     data = load_data(args)
     folds = make_folds(data.ids, data.spec.n_folds)
     config = PropagatedConfig(resolution=data.resolution)
-    checks = PairChecks(max_folded_share=config.max_folded_share, min_area_ratio=config.min_area_ratio,
-                        max_area_ratio=config.max_area_ratio, min_fragment_px=config.min_fragment_px)
+    applied = {f: getattr(config, f) for f in ("max_folded_share", "min_area_ratio", "max_area_ratio", "min_fragment_px")}
+    checks = PairChecks(**applied)  # optical flow has no registration similarity, so no min_similarity
     offsets = tuple(range(1, args.max_offset + 1))
     rows: dict[str, list[dict]] = {c: [] for c in data.spec.classes}
     volumes = sorted({v for k in args.folds for v in folds[k].train})
@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
             if (vol.labels == data.spec.class_id(name)).any():
                 rows[name] += measure_volume(vol, data.spec.class_id(name), offsets, checks)
     result = {"dataset": data.spec.name, "resolution": data.resolution, "folds": args.folds,
-              "training_volumes": volumes, "checks": dict(checks.__dict__), "default_offsets": list(config.offsets),
+              "training_volumes": volumes, "checks": applied, "default_offsets": list(config.offsets),
               "per_class": {c: summarise(r) for c, r in rows.items()},
               "all": summarise([r for rs in rows.values() for r in rs]), "seconds": round(time.time() - t0, 1)}
     write(result, Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out, args.tag, args.phantom)

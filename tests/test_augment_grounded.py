@@ -116,7 +116,7 @@ def test_finetune_on_names_the_supports_or_a_volume_source_that_reads_no_label()
         learned = dataclasses.replace(config, finetune_on="learned")
         assert gen.finetune_config(dataclasses.replace(learned, finetune_pairs=8)) != gen.finetune_config(learned)
         assert gen.stage_config(learned) == gen.stage_config(config)  # the pretraining reads neither
-        with pytest.raises(ValueError, match=rf"finetune_on='oracle'; valid: \['supports', 'learned'\]"):
+        with pytest.raises(ValueError, match=r"finetune_on='oracle'; valid: \['supports', 'learned'\]"):
             dataclasses.replace(config, finetune_on="oracle")
         with pytest.raises(ValueError, match=r"finetune_pairs must be >= 1"):
             dataclasses.replace(config, finetune_pairs=0)

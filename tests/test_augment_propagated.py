@@ -126,3 +126,4 @@ def test_benchmark_measures_label_accuracy_per_offset_on_training_volumes_only(t
     assert near["propagated_all"] > near["copied_all"]           # the flow carries the mask better than a copy
     assert near["propagated_all"] > far["propagated_all"]        # and accuracy falls with distance
     assert (tmp_path / "augment_propagated.md").read_text().count("| all |") == 2
+    assert "min_similarity" not in result["checks"]              # only the checks the source applies are recorded

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from pipelines.report import DiceScoring, build_report
 
 
 ROLE = {"real-only": "baseline", "classical": "control"}  # the role of the test arms named so; others: augmented
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_DOCS = [ROOT / "README.md", *sorted((ROOT / "benchmarks" / "results").rglob("*.md"))]
 
 
 def _rows(arm: str, shift: float, *, folds=(0, 1, 2), post: bool = False) -> list[dict]:
@@ -187,3 +190,10 @@ def test_a_run_with_only_a_baseline_and_a_ceiling_says_that_nothing_was_tested(t
     assert results["tests"] == [] and "nothing was tested and there is no verdict" in verdict
     assert "p-values are Holm-adjusted" not in report  # no paragraph about a family of 0 tests
     assert "| prototype | oracle |" in report  # the ceiling is still in the mean Dice table
+
+
+@pytest.mark.parametrize("doc", SHIPPED_DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_shipped_document_links_only_files_it_ships(doc):
+    """A copied run folder keeps the figures its report links (`supportforge report` rebuilds one that lost some)."""
+    links = [link.split("#")[0] for link in re.findall(r"\]\(([^)\s]+)\)", doc.read_text())]
+    assert [link for link in links if link and "://" not in link and not (doc.parent / link).exists()] == []

@@ -82,10 +82,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.runner import UnitsFailed, run_experiment  # the heavy stage imports load only for a run
 
     cfg = load(args.config, data=args.data)
-    if args.jobs is not None or args.out is not None:
+    overrides = {k: v for k, v in (("jobs", args.jobs), ("out", args.out), ("cache", args.cache)) if v is not None}
+    if overrides:  # replacing re-runs every check of [run] and of the whole config
         import dataclasses
-        run = dataclasses.replace(cfg.run, **{k: v for k, v in (("jobs", args.jobs), ("out", args.out)) if v is not None})
-        cfg = dataclasses.replace(cfg, run=run)
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides))
     start = time.perf_counter()
     try:
         result = run_experiment(cfg, force=tuple(args.force))
@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage (repeatable)")
     p.add_argument("--jobs", type=int, default=None, help="parallel processes over folds and seeds")
     p.add_argument("--out", default=None, help="run folder (overrides [run] out)")
+    p.add_argument("--cache", default=None, help="cache folder (overrides [run] cache), e.g. one kept outside the "
+                                                 "clone so that a fresh clone reuses what was trained")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="rebuild report.md, results.json and the Dice charts from a results.json")

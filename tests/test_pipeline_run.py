@@ -111,6 +111,18 @@ def test_second_run_is_all_cached(first_run):
     assert _rows(tmp / "a") == before
 
 
+def test_cache_on_the_command_line_replaces_the_config_s_so_a_fresh_clone_reuses_an_outside_cache(first_run,
+                                                                                                 phantom_dir):
+    tmp, cache, _ = first_run
+    other = _config(tmp, phantom_dir, name="clone", cache=tmp / "clone_cache")  # a clone's config, its own cache
+    assert main(["run", str(other), "--cache", str(cache)]) == 0
+    ran = {stage: any(runs) for stage, runs in _stages(tmp / "clone").items()}
+    assert ran.pop("report") and not any(ran.values())  # only the report is new: it names the experiment
+    assert _rows(tmp / "clone") == _rows(tmp / "a") and not (tmp / "clone_cache").exists()
+    recorded = json.loads((tmp / "clone" / "results.json").read_text())["context"]["config"]["run"]["cache"]
+    assert recorded == str(cache)
+
+
 def test_a_fully_cached_run_loads_no_torch_scipy_or_nibabel(first_run):
     """What keeps a cached rerun near half a second: every heavy import waits for a stage that computes."""
     tmp, _, cfg = first_run

@@ -99,7 +99,8 @@ def main(argv=None) -> dict:
     data = load_data(args)
     folds = make_folds(data.ids, data.spec.n_folds)
     config = PropagatedConfig(resolution=data.resolution)
-    applied = {f: getattr(config, f) for f in ("max_folded_share", "min_area_ratio", "max_area_ratio", "min_fragment_px")}
+    applied = {f: getattr(config, f)
+               for f in ("max_folded_share", "min_area_ratio", "max_area_ratio", "min_fragment_px")}
     checks = PairChecks(**applied)  # optical flow has no registration similarity, so no min_similarity
     offsets = tuple(range(1, args.max_offset + 1))
     rows: dict[str, list[dict]] = {c: [] for c in data.spec.classes}

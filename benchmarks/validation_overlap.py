@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines.stats import arm_roles  # noqa: E402
 
-LABEL = re.compile(r"registered (?:taught by .+ )?fold(\d+) s(\d+) (\S+)$")  # older runs' labels omit the teacher
+LABEL = re.compile(r"registered(?:, taught by .+)? fold(\d+) s(\d+) (\S+)$")  # older runs' labels omit the teacher
 PARTS = ("gave none", "gave pairs")
 
 

@@ -151,7 +151,7 @@ def test_a_round_of_self_training_relabels_the_candidates_with_the_named_arm_s_o
     pool = json.loads((cache / "finetune" / tunes["round 2"] / "pool.json").read_text())
     assert pool["synthetic"] == len(sets[1])          # round 2 is fine-tuned on the pairs round 1 relabelled
     assert [r["label"] for r in stages["records"] if r["stage"] == "relabel"] == [
-        "registered taught by real-only fold0 s0 liver", "registered taught by registered fold0 s0 liver"]
+        "registered, taught by real-only fold0 s0 liver", "registered, taught by registered fold0 s0 liver"]
     report = (tmp_path / "r" / "report.md").read_text()   # each round's set is judged and drawn, named by teacher
     assert "| registered | liver |" in report and "| registered, taught by registered | liver |" in report
 

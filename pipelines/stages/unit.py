@@ -193,7 +193,7 @@ class ArmModels:
                 source=source, class_name=c, seed=self.seed, data=self.data, fold=self.fold,
                 pairs=self.synth[source, c], teacher=tutor, n=self.cfg.synthesis.n_pairs,
                 min_agreement=generator_config(self.cfg, source, self.seed).min_agreement,
-                log_label=f"{source} taught by {self.teacher_name(arm)} fold{self.fold.index} s{self.seed} {c}"))
+                log_label=f"{source}, taught by {self.teacher_name(arm)} fold{self.fold.index} s{self.seed} {c}"))
             validate_manifest(json.loads((entry.path / "set" / "manifest.json").read_text()), self.fold.queries)
             self.made["relabel", source, c, tutor.key] = entry
         return self.made["relabel", source, c, tutor.key]

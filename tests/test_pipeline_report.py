@@ -197,3 +197,13 @@ def test_a_shipped_document_links_only_files_it_ships(doc):
     """A copied run folder keeps the figures its report links (`supportforge report` rebuilds one that lost some)."""
     links = [link.split("#")[0] for link in re.findall(r"\]\(([^)\s]+)\)", doc.read_text())]
     assert [link for link in links if link and "://" not in link and not (doc.parent / link).exists()] == []
+
+
+def test_a_run_records_the_cpu_model_and_its_widest_vector_set_that_decide_torch_s_kernels(tmp_path):
+    from pipelines.stages.report import cpu_kind, provenance
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Xeon X\nflags\t\t: fpu sse4_2 avx avx2\n\n"
+                    "processor\t: 1\nmodel name\t: Xeon X\nflags\t\t: fpu sse4_2 avx avx2\n")
+    assert cpu_kind(info) == {"cpu_model": "Xeon X", "simd": "avx2"}
+    assert cpu_kind(tmp_path / "missing") == {"cpu_model": None, "simd": None}
+    assert {"cpu_model", "simd"} <= set(provenance(cpu=True))  # stages.json and the report's context carry them

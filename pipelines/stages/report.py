@@ -36,6 +36,21 @@ def code_commit(root: Path = Path(__file__).resolve().parents[2]) -> dict:
     return {"commit": commit or "unknown", "dirty": None if status is None else bool(status)}
 
 
+SIMD = ("avx512f", "avx2", "avx", "sse4_2", "asimd")  # widest first; asimd: 64-bit ARM
+
+
+def cpu_kind(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """The CPU's model name and widest vector instruction set (None where `cpuinfo` cannot be read): the same
+    stage keys give other floats where torch's kernels differ, so a run records which kind computed it."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return {"cpu_model": None, "simd": None}
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lines if ":" in line)}
+    flags = set(fields.get("flags", fields.get("Features", "")).split())
+    return {"cpu_model": fields.get("model name"), "simd": next((s for s in SIMD if s in flags), None)}
+
+
 def device_info(cpu: bool) -> dict:
     """The device stages compute on (accelerate's choice for the `cpu` flag) and the machine's CPU; torch
     is asked only when the flag lets a GPU be used."""
@@ -46,7 +61,7 @@ def device_info(cpu: bool) -> dict:
         if torch.cuda.is_available():
             device, name = "cuda", torch.cuda.get_device_name(0)
     return {"device": device, "accelerator": name, "cpu": platform.processor() or platform.machine(),
-            "platform": platform.platform()}
+            "platform": platform.platform()} | cpu_kind()
 
 
 def provenance(cpu: bool) -> dict:

@@ -207,3 +207,10 @@ def test_a_run_records_the_cpu_model_and_its_widest_vector_set_that_decide_torch
     assert cpu_kind(info) == {"cpu_model": "Xeon X", "simd": "avx2"}
     assert cpu_kind(tmp_path / "missing") == {"cpu_model": None, "simd": None}
     assert {"cpu_model", "simd"} <= set(provenance(cpu=True))  # stages.json and the report's context carry them
+
+
+def test_a_run_records_the_version_of_every_package_that_computes_a_stage():
+    from pipelines.stages.report import COMPUTING, package_versions
+    found = package_versions()
+    assert set(found) == set(COMPUTING) and found["albumentations"] and found["scikit-image"]
+    assert package_versions(("no-such-package-x",)) == {"no-such-package-x": None}

@@ -100,12 +100,21 @@ def dice_scoring(rows: tuple[dict, ...], evals: tuple[EvalRef, ...], postprocess
     return DiceScoring(grid=grids.pop() if grids else "working", postprocess=postprocess, score_on=score_on)
 
 
-def _versions() -> dict:
-    import accelerate
-    import diffusers
-    import torch
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "accelerate": accelerate.__version__,
-            "numpy": np.__version__}
+COMPUTING = ("torch", "numpy", "scipy", "scikit-image", "scikit-learn", "albumentations", "albucore",
+             "opencv-python-headless", "monai", "diffusers", "accelerate", "nibabel")
+
+
+def package_versions(names: tuple[str, ...] = COMPUTING) -> dict:
+    """Installed version of each package that computes a stage (None where absent), read without importing
+    it: only torch is pinned, and superpixels and augmentations come from the others."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def one(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+    return {name: one(name) for name in names}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,7 +123,7 @@ class Report(Stage):
     have no rows: results.json lists them; nothing is averaged over them."""
 
     name: ClassVar[str] = "report"
-    version: ClassVar[str] = "6"
+    version: ClassVar[str] = "7"
     experiment: str
     config: dict[str, Any]  # the resolved config, recorded in the report's context
     data: PreparedData
@@ -160,7 +169,7 @@ class Report(Stage):
             figures[f"Synthetic pairs, {c}"] = name
         context = {"experiment": self.experiment, "dataset": self.data.spec.to_dict(), "data": os.path.relpath(self.data.source),
                    "data_key": self.data.key, "resolution": self.data.resolution, "config": self.config,
-                   "versions": _versions(), "provenance": self.provenance, "units": [list(u) for u in self.units],
+                   "versions": package_versions(), "provenance": self.provenance, "units": [list(u) for u in self.units],
                    "failed_units": list(self.failed_units)}
         quality = [json.loads((e.path / "quality.json").read_text()) for e in self.quality]
         report.build_report(folder, title=f"SupportForge ablation: {self.experiment}", rows=list(self.rows),

@@ -9,10 +9,10 @@ TORCH_PIP_ARGS ?= $(if $(wildcard /opt/wheels/torch-2.13.0*),--find-links /opt/w
 
 .PHONY: install demo test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(TORCH_PIP_ARGS) "torch==2.13.0"
-	$(BIN)/pip install $(TORCH_PIP_ARGS) -e ".[dev]"
+	$(BIN)/pip install $(TORCH_PIP_ARGS) -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

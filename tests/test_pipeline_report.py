@@ -214,3 +214,12 @@ def test_a_run_records_the_version_of_every_package_that_computes_a_stage():
     found = package_versions()
     assert set(found) == set(COMPUTING) and found["albumentations"] and found["scikit-image"]
     assert package_versions(("no-such-package-x",)) == {"no-such-package-x": None}
+
+
+def test_the_installed_computing_packages_are_the_pinned_ones():
+    """`make install` applies constraints.txt; a different version may compute other numbers than the results."""
+    from pipelines.stages.report import COMPUTING, package_versions
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert set(pins) == set(COMPUTING) - {"torch"}
+    assert {name: package_versions((name,))[name] for name in pins} == pins

@@ -106,7 +106,7 @@ COMPUTING = ("torch", "numpy", "scipy", "scikit-image", "scikit-learn", "albumen
 
 def package_versions(names: tuple[str, ...] = COMPUTING) -> dict:
     """Installed version of each package that computes a stage (None where absent), read without importing
-    it: only torch is pinned, and superpixels and augmentations come from the others."""
+    it: constraints.txt pins them, and the report says what actually ran."""
     from importlib.metadata import PackageNotFoundError, version
 
     def one(name: str) -> str | None:

@@ -105,8 +105,8 @@ class Refine(Stage):
 class Relabel(Stage):
     """A relabelled source's set of a class (`augment.registered.relabel`): the pairs of `pairs` with their masks
     replaced by the `teacher` segmenter's prediction, given the real supports, where the two agree with Dice >=
-    `min_agreement`; at most `n` kept, best agreement first. `teacher` is the baseline arm's model: trained on the
-    real supports and no test-class label, so the set stays label-free."""
+    `min_agreement`; at most `n` kept, best agreement first. `teacher` is the baseline arm's model or the one of the
+    arm the config names as teacher, never a diagnostic arm's: no test-class label, so the set stays label-free."""
 
     name: ClassVar[str] = "relabel"
     version: ClassVar[str] = "1"

@@ -181,8 +181,8 @@ class ArmModels:
         sets = {(s, c): self.set_of(s, c) for (s, c) in self.synth}
         for arm in self.cfg.arms:
             for s, c in self.synth:
-                if s in arm.sources and self.set_of(s, c, arm) != sets[s, c]:
-                    sets[f"{s}, taught by {self.teacher_name(arm)}", c] = self.set_of(s, c, arm)
+                if s in arm.sources and (taught := self.set_of(s, c, arm)) != sets[s, c]:
+                    sets[f"{s}, taught by {self.teacher_name(arm)}", c] = taught
         return sets
 
     def relabelled(self, source: str, c: str, arm: Arm | None = None) -> StageEntry:

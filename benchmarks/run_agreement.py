@@ -49,12 +49,13 @@ def compare(first: Path, second: Path) -> dict:
     shared = _cells(a) & _cells(b)
     if not shared:
         raise SystemExit(f"{first} and {second} share no scored cell (protocol, arm, fold, seed, class, query)")
-    base_a, base_b = arm_roles(a).baseline, arm_roles(b).baseline
+    roles, base_b = arm_roles(a), arm_roles(b).baseline
+    base_a = roles.baseline
     if base_a != base_b or base_a is None:
         raise SystemExit(f"{first} and {second} need the same baseline arm: {base_a!r} against {base_b!r}")
     da, db = unit_dice(a, shared), unit_dice(b, shared)
     units = sorted(da[base_a])
-    arms = [arm for arm in arm_roles(a).order if arm in da and arm in db and sorted(da[arm]) == units]
+    arms = [arm for arm in roles.order if arm in da and arm in db and sorted(da[arm]) == units]
 
     def agreement(x: np.ndarray, y: np.ndarray) -> dict:
         return {"first": float(x.mean()), "second": float(y.mean()), "correlation": float(np.corrcoef(x, y)[0, 1]),

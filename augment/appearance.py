@@ -10,6 +10,7 @@ weights), so it has no resolution to check.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,3 +65,24 @@ class HistogramAppearance:
             if region.any() and donor_region.any():
                 out[region] = _match_region(x[region], d[donor_region], levels)
         return torch.from_numpy(out.astype(np.float32))
+
+
+def restyle_slices(images: torch.Tensor, heights: Sequence[float], volumes: Mapping[str, np.ndarray], seed: int,
+                   ) -> tuple[torch.Tensor, list[tuple[str, int]]]:
+    """`images` `(N, 1, H, W)` each histogram-matched, whole slice, to the slice at the same relative height
+    (`heights`, 0 = first slice, 1 = last) of a volume drawn from `volumes` {id: `(Z, H, W)`} (images only);
+    and each image's donor (volume, slice). The volume is drawn per image from a generator seeded by `seed`."""
+    if not volumes:
+        raise ValueError("restyling needs at least one donor volume")
+    look = HistogramAppearance(AppearanceConfig(regions="slice"))
+    rng = np.random.default_rng(seed)
+    ids = sorted(volumes)
+    out, donors = images.clone(), []
+    for k, h in enumerate(heights):
+        v = ids[int(rng.integers(len(ids)))]
+        z = int(round(float(h) * (len(volumes[v]) - 1)))
+        donor = torch.from_numpy(np.asarray(volumes[v][z], np.float32))
+        whole = torch.ones_like(donor)
+        out[k, 0] = look.apply(images[k, 0], torch.ones_like(images[k, 0]), donor, whole)
+        donors.append((v, z))
+    return out, donors

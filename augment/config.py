@@ -220,6 +220,10 @@ class PropagatedConfig:
     min_area_ratio: float = 0.5
     max_area_ratio: float = 2.0
     min_fragment_px: int = 12
+    # whole-slice histogram matching of each pair to a slice of another training volume at the same relative
+    # height (`augment.appearance`, regions "slice"): other subjects' contrast on the support volume's anatomy.
+    # The oracle's slices bring both; propagated pairs carry the support's own intensities. Off by default
+    appearance: bool = False
     seed: int = 0
     cpu: bool = True
 

@@ -10,7 +10,8 @@ volume, and no label of it is read beyond the support slices). The mask is propa
 Every pair passes label-free checks: the flow is not grossly folded where the label lies (share of pixels
 with Jacobian determinant <= 0), and the mask, less its specks, is plausible against the support's
 (`augment.masks.mask_problem`: area ratio, no new components). Offsets were chosen on the training
-volumes' label accuracy (`benchmarks/augment_propagated.py`), never on test Dice.
+volumes' label accuracy (`benchmarks/augment_propagated.py`), never on test Dice. With `appearance`, each pair
+then takes another subject's contrast (`augment.appearance.restyle_slices`): its mask is unchanged.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import torch
 from scipy.ndimage import map_coordinates
 from skimage.registration import optical_flow_tvl1
 
+from augment.appearance import restyle_slices
+from augment.config import PropagatedConfig
 from augment.manifest import Provenance, SliceRef, refs, validate_manifest
 from augment.masks import drop_fragments, mask_problem
 from augment.pairs import PairError, as_pairs
@@ -117,9 +120,11 @@ def make_set(checkpoint: Path | None, *, support: tuple[torch.Tensor, torch.Tens
              support_volume: np.ndarray, support_slices: Sequence[int], volumes: Mapping[str, np.ndarray],
              labels: Mapping[str, np.ndarray] | None, n: int, seed: int, fold: int, class_name: str,
              query_volumes: Sequence[str], offsets: Sequence[int], max_folded_share: float, min_area_ratio: float,
-             max_area_ratio: float, min_fragment_px: int) -> SyntheticSet:
+             max_area_ratio: float, min_fragment_px: int,
+             appearance: bool = PropagatedConfig.appearance) -> SyntheticSet:
     """`n` pairs of a class from the support volume's unlabelled slices near its support slices; reads no label
-    but the supports' and no training volume (`volumes` is accepted for the registry's call and unused)."""
+    but the supports'. With `appearance`, each image takes the contrast of a slice of another of `volumes` (the
+    fold's training volumes, images only); without, `volumes` is unused."""
     if labels is not None:
         raise PairError("the propagated source reads no label of the training volumes; pass labels=None")
     images, masks, ids = support
@@ -134,13 +139,23 @@ def make_set(checkpoint: Path | None, *, support: tuple[torch.Tensor, torch.Tens
     except PairError as err:
         raise PairError(f"{where}: {err}") from None
     used = refs(support_id, sorted({p["slice"] for p in info["pairs"]}))
+    if appearance:
+        donors = {v: volumes[v] for v in volumes if v != support_id}
+        if not donors:
+            raise PairError(f"{where}: appearance needs a training volume other than the support volume {support_id}")
+        depth = len(support_volume) - 1
+        out_i, picked = restyle_slices(out_i, [p["slice"] / max(depth, 1) for p in info["pairs"]], donors, seed)
+        for p, (v, z) in zip(info["pairs"], picked):
+            p["appearance_donor"] = [v, z]
+        used += tuple(SliceRef(v, z) for v, z in sorted(set(picked)))
     provenance = Provenance(fold=fold, class_name=class_name, derived=used,
                             query_volumes=tuple(map(str, query_volumes)),
-                            notes="label propagation: unlabelled slices of the support volume, no other label")
+                            notes="label propagation: unlabelled slices of the support volume, no other label"
+                            + ("; contrast of other training volumes' slices (images only)" if appearance else ""))
     manifest = {"generator": "propagated", "checkpoint": None, "checkpoint_sha256": None, "seed": seed, "n": n,
                 "fold": fold, "class_name": class_name, "support": [dataclasses.asdict(r) for r in refs_],
                 "training": provenance.to_dict(), "query_volumes": list(map(str, query_volumes)), "deform": None,
-                "sampler": "tvl1", "steps": 0,
+                "sampler": "tvl1", "steps": 0, "appearance": appearance,
                 "source": [dataclasses.asdict(refs_[p["support"]]) for p in info["pairs"]],
                 "dropped_fragments": [0] * len(refs_)}
     validate_manifest(manifest, query_volumes)

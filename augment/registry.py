@@ -116,6 +116,7 @@ class VolumeSource:
     needs_section: bool = True
     model_from: str | None = None
     relabelled: bool = False
+    late_fields: tuple[str, ...] = ()  # pair fields added after sets were cached: keyed only when not at default
 
     @property
     def model_owner(self) -> str:
@@ -129,8 +130,11 @@ class VolumeSource:
         return importlib.import_module(self.module).make_set(checkpoint, **kwargs)
 
     def pair_options(self, config) -> dict:
-        """The keywords of `make_set` that come from the config."""
-        return {f: getattr(config, f) for f in self.pair_fields}
+        """The keywords of `make_set` that come from the config. A late field at its default is left out, so
+        the sets cached before it existed keep their keys; `make_set` takes the same default."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self.config)}
+        return {f: getattr(config, f) for f in self.pair_fields
+                if f not in self.late_fields or getattr(config, f) != defaults[f]}
 
 
 VOLUME_SOURCES: dict[str, VolumeSource] = {
@@ -140,7 +144,8 @@ VOLUME_SOURCES: dict[str, VolumeSource] = {
                                          "appearance_regions")),
     "propagated": VolumeSource("propagated", PropagatedConfig, "augment.propagated", trains=False,
                                pair_fields=("offsets", "max_folded_share", "min_area_ratio", "max_area_ratio",
-                                            "min_fragment_px"), needs_section=False),
+                                            "min_fragment_px", "appearance"), needs_section=False,
+                               late_fields=("appearance",)),
     "oracle": VolumeSource("oracle", OracleConfig, "augment.oracle", trains=False, reads_labels=True,
                            needs_section=False),
     "registered": VolumeSource("registered", RegisteredConfig, "augment.registered", model_from="learned",

@@ -127,3 +127,38 @@ def test_benchmark_measures_label_accuracy_per_offset_on_training_volumes_only(t
     assert near["propagated_all"] > far["propagated_all"]        # and accuracy falls with distance
     assert (tmp_path / "augment_propagated.md").read_text().count("| all |") == 2
     assert "min_similarity" not in result["checks"]              # only the checks the source applies are recorded
+
+
+def test_appearance_gives_each_pair_another_volumes_contrast_and_keeps_its_mask(volume):
+    image, labels = volume
+    other = (np.exp(image) / 3).astype(np.float32)               # another subject: a skewed intensity histogram
+    sup_i, sup_m, idx = _supports(image, labels)
+    options = VOLUME_SOURCES["propagated"].pair_options(PropagatedConfig(resolution=RES))
+    assert "appearance" not in options                            # at its default it stays out of the stage key
+    kwargs = dict(support=(sup_i, sup_m, [SliceRef("7", z) for z in idx]), support_volume=image,
+                  support_slices=idx, volumes={"7": image, "8": other}, labels=None, n=6, seed=0, fold=0,
+                  class_name="liver", query_volumes=("9",), **options)
+    plain = propagated.make_set(None, **kwargs)
+    options = VOLUME_SOURCES["propagated"].pair_options(PropagatedConfig(resolution=RES, appearance=True))
+    styled = propagated.make_set(None, **{**kwargs, **options})
+    assert torch.equal(styled.masks, plain.masks)
+    for k, p in enumerate(styled.manifest["pairs"]):
+        assert p["appearance_donor"] == ["8", p["slice"]]         # never the support volume; the same height
+        levels = np.linspace(0.1, 0.9, 9)
+        got = np.quantile(styled.images[k, 0].numpy(), levels)
+        assert np.allclose(got, np.quantile(other[p["slice"]], levels), atol=0.05)
+        assert not np.allclose(got, np.quantile(plain.images[k, 0].numpy(), levels), atol=0.05)
+    derived = {(r["volume"], r["slice"]) for r in styled.manifest["training"]["derived"]}
+    assert {("8", p["slice"]) for p in styled.manifest["pairs"]} <= derived
+    assert styled.manifest["appearance"] is True and plain.manifest["appearance"] is False
+
+
+def test_appearance_without_another_training_volume_fails_naming_the_support_volume(volume):
+    image, labels = volume
+    sup_i, sup_m, idx = _supports(image, labels)
+    with pytest.raises(PairError, match="fold 0, class liver: appearance needs a training volume other than the "
+                                        "support volume 7"):
+        propagated.make_set(None, support=(sup_i, sup_m, [SliceRef("7", z) for z in idx]), support_volume=image,
+                            support_slices=idx, volumes={"7": image}, labels=None, n=4, seed=0, fold=0,
+                            class_name="liver", query_volumes=("9",),
+                            **VOLUME_SOURCES["propagated"].pair_options(PropagatedConfig(appearance=True)))

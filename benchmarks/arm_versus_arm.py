@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.outputs import write  # noqa: E402
 from pipelines.stats import ALL, UNIT, arm_roles, describe, unit_differences  # noqa: E402
 
 CELL = ("protocol", "model", "fold", "seed", "class", "query")
@@ -94,10 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "arm_versus_arm")
     args = parser.parse_args(argv)
     found = compare(args.first, args.first_arm, args.second, args.second_arm)  # checked before anything is written
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(found, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(found))
-    print(markdown(found))
+    write(args.out, found, markdown(found))
     return found
 
 

@@ -25,6 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.outputs import write  # noqa: E402
 from pipelines.stats import arm_roles  # noqa: E402
 
 
@@ -92,9 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "run_agreement")
     args = parser.parse_args(argv)
     found = compare(args.first, args.second)  # checked before anything is written
-    args.out.with_suffix(".json").write_text(json.dumps(found, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(found))
-    print(markdown(found))
+    write(args.out, found, markdown(found))
     return found
 
 

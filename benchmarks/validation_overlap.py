@@ -26,6 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.outputs import write  # noqa: E402
 from pipelines.stats import arm_roles  # noqa: E402
 
 LABEL = re.compile(r"registered(?:, taught by .+)? fold(\d+) s(\d+) (\S+)$")  # older runs' labels omit the teacher
@@ -82,9 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cells = [by.get((arm, p)) for p in PARTS]
             parts = [f"{c['cells']} | {c['mean_diff']:+.2f}" if c else "0 | -" for c in cells]
             lines.append(f"| {f['run']} | {arm} | {' | '.join(parts)} |")
-    args.out.with_suffix(".json").write_text(json.dumps(found, indent=2))
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write(args.out, found, "\n".join(lines) + "\n")
     return found
 
 

@@ -105,6 +105,8 @@ class VolumeSource:
     `model_from`: the source whose per-fold model this one samples (None: its own, if it `trains`).
     `relabelled`: its masks are replaced by the segmenter's prediction where the two agree with Dice >= the
     config's `min_agreement`, and its pairs where they do not are dropped (see `augment.registered`).
+    `late_fields`: pair fields added after sets had been cached, left out of `pair_options` while at their default
+    (which does what the source did before them), so those sets keep their keys.
     """
 
     name: str
@@ -116,7 +118,7 @@ class VolumeSource:
     needs_section: bool = True
     model_from: str | None = None
     relabelled: bool = False
-    late_fields: tuple[str, ...] = ()  # pair fields added after sets were cached: keyed only when not at default
+    late_fields: tuple[str, ...] = ()
 
     @property
     def model_owner(self) -> str:

@@ -29,6 +29,10 @@ from pipelines.stats import ALL, UNIT, arm_roles, describe, unit_differences  # 
 CELL = ("protocol", "model", "fold", "seed", "class", "query")
 
 
+def _cell(row: dict) -> tuple:
+    return tuple(row[k] for k in CELL)
+
+
 def _rows(run: Path, arm: str) -> tuple[list[dict], list[dict]]:
     """The rows of `arm` and of the baseline arm in `run`'s results.json."""
     rows = json.loads((run / "results.json").read_text())["rows"]
@@ -44,8 +48,8 @@ def compare(first: Path, first_arm: str, second: Path, second_arm: str) -> dict:
     """`first_arm` minus `second_arm` per unit, for every (protocol, model) and class both scored."""
     arm_a, base_a = _rows(first, first_arm)
     arm_b, base_b = _rows(second, second_arm)
-    dice_a = {tuple(r[k] for k in CELL): r["dice"] for r in base_a}
-    dice_b = {tuple(r[k] for k in CELL): r["dice"] for r in base_b}
+    dice_a = {_cell(r): r["dice"] for r in base_a}
+    dice_b = {_cell(r): r["dice"] for r in base_b}
     shared = dice_a.keys() & dice_b.keys()
     if not shared:
         raise SystemExit(f"{first} and {second} share no baseline cell (protocol, model, fold, seed, class, query)")
@@ -53,16 +57,15 @@ def compare(first: Path, first_arm: str, second: Path, second_arm: str) -> dict:
     if differ:
         raise SystemExit(f"the baselines of {first} and {second} differ in {differ} of {len(shared)} shared cells: "
                          f"the runs did not read the same models, so their arms cannot be paired")
-    keep = lambda rows: [r for r in rows if tuple(r[k] for k in CELL) in shared]  # noqa: E731
-    arm_a, arm_b = keep(arm_a), keep(arm_b)
+    arm_a = [r for r in arm_a if _cell(r) in shared]
+    arm_b = [r for r in arm_b if _cell(r) in shared]
     tests = []
-    for protocol, model in sorted({(r["protocol"], r["model"]) for r in arm_a} & {(r["protocol"], r["model"])
-                                                                                    for r in arm_b}):
-        a = [r for r in arm_a if (r["protocol"], r["model"]) == (protocol, model)]
-        b = [r for r in arm_b if (r["protocol"], r["model"]) == (protocol, model)]
+    for pm in sorted({_cell(r)[:2] for r in arm_a} & {_cell(r)[:2] for r in arm_b}):  # (protocol, model)
+        a = [r for r in arm_a if _cell(r)[:2] == pm]
+        b = [r for r in arm_b if _cell(r)[:2] == pm]
         for cls in (*sorted({r["class"] for r in a}), ALL):
             diffs = 100 * unit_differences(a, b, cls=cls)  # (units,) Dice points
-            tests.append({"protocol": protocol, "model": model, "class": cls, **describe(diffs, seed=0)})
+            tests.append({"protocol": pm[0], "model": pm[1], "class": cls, **describe(diffs, seed=0)})
     if not tests:
         raise SystemExit(f"{first_arm!r} and {second_arm!r} share no scored cell")
     return {"first": str(first), "first_arm": first_arm, "second": str(second), "second_arm": second_arm,

@@ -32,6 +32,15 @@ def _supports(image, labels):
     return torch.from_numpy(image[idx][:, None]), masks, idx
 
 
+def _set_kwargs(volume, volumes: dict, **config) -> dict:
+    """`make_set`'s keywords but `labels` and `query_volumes`: 6 liver pairs of support volume "7", 3 supports."""
+    image, labels = volume
+    sup_i, sup_m, idx = _supports(image, labels)
+    return dict(support=(sup_i, sup_m, [SliceRef("7", z) for z in idx]), support_volume=image, support_slices=idx,
+                volumes=volumes, n=6, seed=0, fold=0, class_name="liver",
+                **VOLUME_SOURCES["propagated"].pair_options(PropagatedConfig(resolution=RES, **config)))
+
+
 def _dice(a, b) -> float:
     a, b = np.asarray(a) > 0.5, np.asarray(b) > 0
     return float(2 * (a & b).sum() / (a.sum() + b.sum()))
@@ -98,10 +107,7 @@ def test_another_resolution_is_refused_naming_it(volume):
 
 def test_make_set_records_the_support_volume_slices_and_refuses_labels_and_a_query_support(volume):
     image, labels = volume
-    sup_i, sup_m, idx = _supports(image, labels)
-    kwargs = dict(support=(sup_i, sup_m, [SliceRef("7", z) for z in idx]), support_volume=image,
-                  support_slices=idx, volumes={"8": image}, n=6, seed=0, fold=0, class_name="liver",
-                  **VOLUME_SOURCES["propagated"].pair_options(PropagatedConfig(resolution=RES)))
+    kwargs = _set_kwargs(volume, {"8": image})
     syn = propagated.make_set(None, labels=None, query_volumes=("9",), **kwargs)
     training = syn.manifest["training"]
     assert {r["volume"] for r in training["derived"]} == {"7"} and training["pretrain"] == []
@@ -130,17 +136,13 @@ def test_benchmark_measures_label_accuracy_per_offset_on_training_volumes_only(t
 
 
 def test_appearance_gives_each_pair_another_volumes_contrast_and_keeps_its_mask(volume):
-    image, labels = volume
+    image, _ = volume
     other = (np.exp(image) / 3).astype(np.float32)               # another subject: a skewed intensity histogram
-    sup_i, sup_m, idx = _supports(image, labels)
-    options = VOLUME_SOURCES["propagated"].pair_options(PropagatedConfig(resolution=RES))
-    assert "appearance" not in options                            # at its default it stays out of the stage key
-    kwargs = dict(support=(sup_i, sup_m, [SliceRef("7", z) for z in idx]), support_volume=image,
-                  support_slices=idx, volumes={"7": image, "8": other}, labels=None, n=6, seed=0, fold=0,
-                  class_name="liver", query_volumes=("9",), **options)
-    plain = propagated.make_set(None, **kwargs)
-    options = VOLUME_SOURCES["propagated"].pair_options(PropagatedConfig(resolution=RES, appearance=True))
-    styled = propagated.make_set(None, **{**kwargs, **options})
+    kwargs = _set_kwargs(volume, {"7": image, "8": other})
+    assert "appearance" not in kwargs                             # at its default it stays out of the stage key
+    plain = propagated.make_set(None, labels=None, query_volumes=("9",), **kwargs)
+    styled = propagated.make_set(None, labels=None, query_volumes=("9",),
+                                 **_set_kwargs(volume, {"7": image, "8": other}, appearance=True))
     assert torch.equal(styled.masks, plain.masks)
     for k, p in enumerate(styled.manifest["pairs"]):
         assert p["appearance_donor"] == ["8", p["slice"]]         # never the support volume; the same height
@@ -154,11 +156,8 @@ def test_appearance_gives_each_pair_another_volumes_contrast_and_keeps_its_mask(
 
 
 def test_appearance_without_another_training_volume_fails_naming_the_support_volume(volume):
-    image, labels = volume
-    sup_i, sup_m, idx = _supports(image, labels)
+    image, _ = volume
     with pytest.raises(PairError, match="fold 0, class liver: appearance needs a training volume other than the "
                                         "support volume 7"):
-        propagated.make_set(None, support=(sup_i, sup_m, [SliceRef("7", z) for z in idx]), support_volume=image,
-                            support_slices=idx, volumes={"7": image}, labels=None, n=4, seed=0, fold=0,
-                            class_name="liver", query_volumes=("9",),
-                            **VOLUME_SOURCES["propagated"].pair_options(PropagatedConfig(appearance=True)))
+        propagated.make_set(None, labels=None, query_volumes=("9",),
+                            **_set_kwargs(volume, {"7": image}, appearance=True))

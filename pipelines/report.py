@@ -114,7 +114,7 @@ def _tests_table(tests: list[dict], protocol: str) -> list[str]:
     lines = ["| model | arm | vs | class | n | dropped zeros | mean diff | 95 % CI | wins/losses | p (Wilcoxon) "
              "| p (Holm) | p (t) | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in (t for t in tests if t["protocol"] == protocol):
-        arm = f"**{t['arm']}** (primary)" if t["primary"] else t["arm"]
+        arm = f"**{t['arm']}** ({PRIMARY_KIND[t['family']]})" if t["primary"] else t["arm"]
         lines.append(f"| {t['model']} | {arm} | {t['vs']} | {t['class']} | {t['n']} | {t['dropped_zeros']} | "
                      f"{_fmt(t['mean_diff'])} | {_ci(t)} | {t['wins']}/{t['losses']} | {_p(t['p_wilcoxon'])} | "
                      f"{_p(t['p_holm'])} | {_p(t['p_ttest'])} | {t['verdict']} |")
@@ -124,6 +124,10 @@ def _tests_table(tests: list[dict], protocol: str) -> list[str]:
 # how each family's p was adjusted (`stats.paired_tests`)
 ADJUSTED = {"all": "Holm-adjusted p", "primary": "Holm-adjusted p (primary family)",
             "secondary": "gated Holm-adjusted p"}
+
+
+# what a test marked `primary` is, by its Holm family: declared in the config, or the best arm after the run
+PRIMARY_KIND = {"primary": "primary, declared before the run", "all": "best arm, picked after the run"}
 
 
 def _primary_first(test: dict) -> tuple[bool, bool]:
@@ -138,7 +142,8 @@ def verdict_lines(tests: list[dict]) -> list[str]:
                 "and there is no verdict. Diagnostic arms are ceilings: read them in the mean Dice table."]
     out = []
     for t in sorted((t for t in tests if t["class"] == ALL), key=_primary_first):
-        head = f"- {t['protocol']} {t['model']}{' (primary comparison)' if t['primary'] else ''}: **{t['arm']}**"
+        kind = f" ({PRIMARY_KIND[t['family']]})" if t["primary"] else ""
+        head = f"- {t['protocol']} {t['model']}{kind}: **{t['arm']}**"
         stats_ = (f"95 % CI {_ci(t)}; Wilcoxon p = {_p(t['p_wilcoxon'])}, "
                   f"{ADJUSTED[t['family']]} = {_p(t['p_holm'])}, "
                   f"n = {t['n']} units, {t['dropped_zeros']} zero differences dropped")
@@ -226,9 +231,9 @@ def _unit_paragraph(tests: list[dict]) -> list[str]:
     else:
         families = (f"The {len(tests)} p-values are Holm-adjusted over the whole family of comparisons of each "
                     "(protocol, model); a gain is claimed only at adjusted p < 0.05 with a positive mean difference "
-                    "and a CI above 0. The primary comparison of each model is its best augmented arm (highest mean "
-                    "Dice over all classes) against the baseline; it is chosen after seeing the means, which the "
-                    "family-wide adjustment covers.")
+                    "and a CI above 0. No primary arm was declared ([protocol] primary), so the arm marked as the best "
+                    "is the augmented arm with the highest mean Dice over all classes, picked after seeing the means: "
+                    "the family-wide adjustment covers that choice, but it is not a pre-declared comparison.")
     return ["Unit of every paired test: the query volume of a fold (n = distinct (fold, query)). Each unit's Dice is "
             "averaged over seeds (per-class tests) or over classes and seeds (all classes) before arms are paired: "
             "rows that share a query volume or a fine-tune are not independent. n counts the units with a non-zero "
@@ -357,6 +362,18 @@ def load_results(path: Path) -> dict:
     return results
 
 
+def figure_caption(name: str) -> str:
+    """The caption of a run's figure from its file name (`overlays_{model}_{protocol}.png`, `pairs_{class}.png`),
+    so that a rebuilt report captions the figures as the run did."""
+    stem = Path(name).stem
+    if stem.startswith("overlays_"):
+        model, protocol = stem.removeprefix("overlays_").rsplit("_", 1)
+        return f"Query overlays, {model}, {protocol}: truth green, prediction red"
+    if stem.startswith("pairs_"):
+        return f"Synthetic pairs, {stem.removeprefix('pairs_')}"
+    return stem.replace("_", " ")
+
+
 def rebuild(results_path: Path, out: Path, *, seed: int = 0) -> Path:
     """Rebuild report.md, results.json and the Dice charts in `out` from a results.json.
 
@@ -374,7 +391,7 @@ def rebuild(results_path: Path, out: Path, *, seed: int = 0) -> Path:
         raise DataError(f"{results_path}: the config's [protocol] primary = {primary!r} is not an augmented arm of "
                         f"its rows; augmented arms: {sorted(augmented)}")
     out.mkdir(parents=True, exist_ok=True)
-    figures = {f.stem.replace("_", " "): f.name for pattern in ("overlays_*.png", "pairs_*.png")
+    figures = {figure_caption(f.name): f.name for pattern in ("overlays_*.png", "pairs_*.png")
                for f in sorted(out.glob(pattern))}
     title = results.get("title") or f"SupportForge ablation: {context.get('experiment', results_path.parent.name)}"
     build_report(out, title=str(title),

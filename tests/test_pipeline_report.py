@@ -52,8 +52,10 @@ def test_tests_table_names_the_unit_and_the_primary_comparison(results_file):
     assert "### EP1: paired differences (unit: query volume of a fold, n = distinct (fold, query))" in report
     assert ("| model | arm | vs | class | n | dropped zeros | mean diff | 95 % CI | wins/losses | p (Wilcoxon) | "
             "p (Holm) | p (t) | verdict |") in report
-    assert report.count("(primary)") == 1 and "| prototype | **ddpm** (primary) | real-only | all | 6 | 0 |" in report
-    assert "EP1 prototype (primary comparison): **ddpm**" in report and "Holm-adjusted p" in report
+    best = "(best arm, picked after the run)"  # no [protocol] primary: the mark must not read as a declared one
+    assert report.count(best) == 2 and f"| prototype | **ddpm** {best} | real-only | all | 6 | 0 |" in report
+    assert f"EP1 prototype {best}: **ddpm**" in report and "Holm-adjusted p" in report
+    assert "(primary" not in report and "not a pre-declared comparison" in report
     assert "Dice is scored on the working label grid, with post-processing (headline)." in report
     assert "post-processed" not in report.split("## EP1: mean Dice")[1].splitlines()[2]  # no second column
     results = json.loads(results_file.read_text())
@@ -115,7 +117,10 @@ def test_a_rebuilt_report_keeps_the_primary_arm_its_config_declared(results_file
     tests = json.loads((out / "results.json").read_text())["tests"]
     assert {(t["arm"], t["vs"]) for t in tests if t["family"] == "primary"} == {("ddpm", "real-only"),
                                                                                 ("ddpm", "classical")}
-    assert "The primary arm, ddpm, was declared in the config before the run" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "The primary arm, ddpm, was declared in the config before the run" in report
+    assert "| prototype | **ddpm** (primary, declared before the run) | real-only | all |" in report
+    assert "EP1 prototype (primary, declared before the run): **ddpm**" in report and "picked after" not in report
 
 
 def _drop(key: str):

@@ -103,6 +103,20 @@ def test_run_writes_report_figures_and_rows(first_run):
     assert all(0.0 <= q["mask_consistency"] <= 1.0 and 0.0 <= q["histogram_distance"] <= 1.0 for q in quality)
 
 
+def test_a_rebuilt_report_captions_the_run_s_figures_as_the_run_did(first_run, tmp_path):
+    tmp, _, _ = first_run
+    figures = [line for line in (tmp / "a" / "report.md").read_text().splitlines() if line.startswith("![")]
+    assert "![Query overlays, prototype, EP1: truth green, prediction red](overlays_prototype_EP1.png)" in figures
+    assert "![Synthetic pairs, liver](pairs_liver.png)" in figures
+    out = tmp_path / "rebuilt"
+    out.mkdir()
+    for f in (tmp / "a").glob("*.png"):
+        shutil.copy(f, out)
+    assert main(["report", str(tmp / "a" / "results.json"), "--out", str(out)]) == 0
+    rebuilt = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("![")]
+    assert sorted(rebuilt) == sorted(figures)
+
+
 def test_second_run_is_all_cached(first_run):
     tmp, _, cfg = first_run
     before = _rows(tmp / "a")

@@ -143,7 +143,7 @@ def test_a_declared_primary_is_adjusted_on_its_own_and_gates_every_other_test():
     assert gate > 0.05 and _test(closed, "ddpm")["p_holm"] == pytest.approx(gate)
     assert _test(closed, "ddpm")["verdict"] == "no significant difference"  # a strong secondary cannot pass a shut gate
     lines = verdict_lines(closed)
-    assert lines[0].startswith("- EP1 m (primary comparison): **gan**") and "(primary family)" in lines[0]
+    assert lines[0].startswith("- EP1 m (primary, declared before the run): **gan**") and "(primary family)" in lines[0]
     assert "gated Holm-adjusted p" in lines[1]
     with pytest.raises(ValueError, match=r"the declared primary arm 'real-only' is not an augmented arm of EP1 m; "
                                          r"augmented arms: \['ddpm'\]"):

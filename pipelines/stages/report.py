@@ -159,14 +159,14 @@ class Report(Stage):
                 classes = list(dict.fromkeys(r["class"] for r in self.rows))
                 report.overlay_figure(overlay_panels(self.evals, model, protocol), folder / name,
                                       cols=len(classes) * self.overlays, flips=flips)
-                figures[f"Query overlays, {model}, {protocol}: truth green, prediction red"] = name
+                figures[report.figure_caption(name)] = name
         for c, sets in self.pairs.items():
             images, masks, _ = support_pairs(self.data, self.first_fold, c)
             grid = {"real supports": (images, masks)} | {s: load_set(e.path / "set") for s, e in sets.items()}
             name = f"pairs_{c}.png"
             save_grid(grid, folder / name, title=f"{c}: real supports and synthetic pairs (fold {self.first_fold.index})",
                       flips=flips)
-            figures[f"Synthetic pairs, {c}"] = name
+            figures[report.figure_caption(name)] = name
         context = {"experiment": self.experiment, "dataset": self.data.spec.to_dict(), "data": os.path.relpath(self.data.source),
                    "data_key": self.data.key, "resolution": self.data.resolution, "config": self.config,
                    "versions": package_versions(), "provenance": self.provenance, "units": [list(u) for u in self.units],

@@ -192,6 +192,14 @@ def _quality_table(quality: list[dict], filter_dice: float) -> list[str]:
     return lines
 
 
+def _source_settings(generators: dict, quality: list[dict]) -> list[str]:
+    """The config's `[generators.NAME]` settings of the sources in the quality table: a restyled source
+    (`appearance = true`) or a stricter filter keeps the plain source's name in the table."""
+    named = [f"{source}: " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in generators[source].items())
+             for source in dict.fromkeys(q["source"] for q in quality) if generators.get(source)]
+    return [f"Source settings (the run's `[generators.*]`): {'; '.join(named)}.", ""] if named else []
+
+
 @dataclass(frozen=True)
 class DiceScoring:
     """How the headline `dice` of the rows was scored."""
@@ -289,6 +297,7 @@ def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict
                   "not follow its mask). Histogram distance: total variation between organ intensities of the real "
                   "supports and of the pairs (0 same, 1 disjoint). Nearest-support distance: near 0 means copies.", ""]
         lines += _quality_table(quality, filter_dice) + [""]
+        lines += _source_settings((context.get("config") or {}).get("generators") or {}, quality)
     lines += ["## Figures", ""] + [f"![{cap}]({name})" for cap, name in figures.items()] + [""]
     lines += ["## Run", "", "```json", json.dumps(json_safe(context), indent=2, default=str), "```", ""]
     results = {"title": title, "dice_grid": scoring.grid, "postprocess": scoring.postprocess,

@@ -47,6 +47,19 @@ def results_file(tmp_path) -> Path:
     return tmp_path / "run" / "results.json"
 
 
+def test_quality_table_names_each_source_s_settings_from_the_config(tmp_path):
+    quality = [{"source": s, "class": "liver", "mask_consistency": 0.8, "histogram_distance": 0.1,
+                "nn_distance_to_supports": 0.2, "per_pair": [0.8]} for s in ("propagated", "classical")]
+    generators = {"propagated": {"appearance": True}, "ddpm": {"steps": 500}}
+    build_report(tmp_path, title="t", rows=_rows("real-only", 0.0) + _rows("propagated", 0.02), arms=[],
+                 context={"experiment": "t", "config": {"generators": generators}}, quality=quality,
+                 scoring=DiceScoring("working", True), figures={}, filter_dice=0.5)
+    report = (tmp_path / "report.md").read_text()
+    assert "Source settings (the run's `[generators.*]`): propagated: appearance = true." in report  # no ddpm: unused
+    _build(tmp_path / "plain", _rows("real-only", 0.0), quality=quality)
+    assert "Source settings" not in (tmp_path / "plain" / "report.md").read_text()
+
+
 def test_tests_table_names_the_unit_and_the_primary_comparison(results_file):
     report = (results_file.parent / "report.md").read_text()
     assert "### EP1: paired differences (unit: query volume of a fold, n = distinct (fold, query))" in report

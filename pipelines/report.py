@@ -193,8 +193,8 @@ def _quality_table(quality: list[dict], filter_dice: float) -> list[str]:
 
 
 def _source_settings(generators: dict, quality: list[dict]) -> list[str]:
-    """The config's `[generators.NAME]` settings of the sources in the quality table: a restyled source
-    (`appearance = true`) or a stricter filter keeps the plain source's name in the table."""
+    """The config's `[generators.NAME]` settings of the sources in the quality table, whose rows name the source
+    only: restyled propagated pairs (`appearance = true`) would read there as plain ones."""
     named = [f"{source}: " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in generators[source].items())
              for source in dict.fromkeys(q["source"] for q in quality) if generators.get(source)]
     return [f"Source settings (the run's `[generators.*]`): {'; '.join(named)}.", ""] if named else []

@@ -378,9 +378,7 @@ def figure_caption(name: str) -> str:
     if stem.startswith("overlays_"):
         model, protocol = stem.removeprefix("overlays_").rsplit("_", 1)
         return f"Query overlays, {model}, {protocol}: truth green, prediction red"
-    if stem.startswith("pairs_"):
-        return f"Synthetic pairs, {stem.removeprefix('pairs_')}"
-    return stem.replace("_", " ")
+    return f"Synthetic pairs, {stem.removeprefix('pairs_')}"
 
 
 def rebuild(results_path: Path, out: Path, *, seed: int = 0) -> Path:

@@ -81,7 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run an experiment; exit 1 when some units failed for good (the report marks the gap)."""
     from pipelines.runner import UnitsFailed, run_experiment  # the heavy stage imports load only for a run
 
-    cfg = load(args.config, data=args.data)
+    protocol = {k: v for k, v in (("folds", args.folds), ("seeds", args.seeds)) if v is not None}
+    cfg = load(args.config, data=args.data, protocol=protocol)
     overrides = {k: v for k, v in (("jobs", args.jobs), ("out", args.out), ("cache", args.cache)) if v is not None}
     if overrides:  # replacing re-runs every check of [run] and of the whole config
         import dataclasses
@@ -187,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="data folder (overrides [data] path)")
     p.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage (repeatable)")
     p.add_argument("--jobs", type=int, default=None, help="parallel processes over folds and seeds")
+    p.add_argument("--folds", type=int, nargs="+", default=None, metavar="K",
+                   help="run these folds only (overrides [protocol] folds), e.g. to split a long run over sessions: "
+                        "the cache keeps each part and a later run over every fold reads them")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                   help="run these seeds only (overrides [protocol] seeds)")
     p.add_argument("--out", default=None, help="run folder (overrides [run] out)")
     p.add_argument("--cache", default=None, help="cache folder (overrides [run] cache), e.g. one kept outside the "
                                                  "clone so that a fresh clone reuses what was trained")

@@ -528,9 +528,10 @@ def _check_arms(arms: tuple[Arm, ...], generators: dict, source: str) -> None:
                                   f"there is no [generators.{owner}] section; add one (it may be empty)")
 
 
-def load(path: str | Path, *, data: str | None = None) -> ExperimentConfig:
+def load(path: str | Path, *, data: str | None = None,
+         protocol: dict[str, list] | None = None) -> ExperimentConfig:
     """Read and validate an experiment TOML; `data` overrides [data] path and turns the phantom off (the CLI's
-    --data)."""
+    --data); `protocol` replaces keys of [protocol] before any check (the CLI's --folds and --seeds)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -543,6 +544,10 @@ def load(path: str | Path, *, data: str | None = None) -> ExperimentConfig:
         if isinstance(table, dict):
             raw["data"] = {k: v for k, v in table.items() if k != "phantom" and not k.startswith("phantom_")}
             raw["data"]["path"] = data
+    if protocol:
+        table = raw.setdefault("protocol", {})
+        if isinstance(table, dict):  # a malformed [protocol] is reported by parse
+            table.update(protocol)
     return parse(raw, source=str(path))
 
 

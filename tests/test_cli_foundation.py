@@ -44,3 +44,21 @@ def test_missing_spec_is_one_clear_line(tmp_path, capsys):
     (tmp_path / "image_1.nii.gz").write_bytes(b"")
     assert main(["prepare", str(tmp_path)]) == 2
     assert "has no dataset.toml; name a spec (abd_ct, abd_mri, card_mri" in capsys.readouterr().err
+
+
+def test_run_folds_and_seeds_replace_those_of_the_config(tmp_path, monkeypatch, capsys):
+    import pipelines.runner
+
+    config = tmp_path / "c.toml"
+    config.write_text('name = "split"\n[data]\nphantom = true\n[protocol]\nfolds = [0, 1]\nseeds = [0]\n'
+                      'classes = ["liver"]\n[run]\nout = "run"\n')
+    seen = []
+
+    def fake_run(cfg, *, force):
+        seen.append(cfg.protocol)
+        return {"out": tmp_path / "run", "summary": {}, "failed_units": []}
+
+    monkeypatch.setattr(pipelines.runner, "run_experiment", fake_run)
+    assert main(["run", str(config), "--folds", "1", "--seeds", "2", "3"]) == 0
+    assert main(["run", str(config)]) == 0
+    assert [(p.folds, p.seeds, p.classes) for p in seen] == [((1,), (2, 3), ("liver",)), ((0, 1), (0,), ("liver",))]

@@ -81,12 +81,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run an experiment; exit 1 when some units failed for good (the report marks the gap)."""
     from pipelines.runner import UnitsFailed, run_experiment  # the heavy stage imports load only for a run
 
-    protocol = {k: v for k, v in (("folds", args.folds), ("seeds", args.seeds)) if v is not None}
-    cfg = load(args.config, data=args.data, protocol=protocol)
-    overrides = {k: v for k, v in (("jobs", args.jobs), ("out", args.out), ("cache", args.cache)) if v is not None}
-    if overrides:  # replacing re-runs every check of [run] and of the whole config
-        import dataclasses
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides))
+    given = {"protocol": {"folds": args.folds, "seeds": args.seeds},
+             "run": {"jobs": args.jobs, "out": args.out, "cache": args.cache}}
+    cfg = load(args.config, data=args.data,
+               overrides={section: {k: v for k, v in keys.items() if v is not None} for section, keys in given.items()})
     start = time.perf_counter()
     try:
         result = run_experiment(cfg, force=tuple(args.force))

@@ -529,9 +529,10 @@ def _check_arms(arms: tuple[Arm, ...], generators: dict, source: str) -> None:
 
 
 def load(path: str | Path, *, data: str | None = None,
-         protocol: dict[str, list] | None = None) -> ExperimentConfig:
+         overrides: dict[str, dict[str, Any]] | None = None) -> ExperimentConfig:
     """Read and validate an experiment TOML; `data` overrides [data] path and turns the phantom off (the CLI's
-    --data); `protocol` replaces keys of [protocol] before any check (the CLI's --folds and --seeds)."""
+    --data); `overrides` replaces keys of sections, e.g. {"run": {"jobs": 2}}, before any check (the CLI's
+    --folds, --seeds, --jobs, --out and --cache)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -544,10 +545,10 @@ def load(path: str | Path, *, data: str | None = None,
         if isinstance(table, dict):
             raw["data"] = {k: v for k, v in table.items() if k != "phantom" and not k.startswith("phantom_")}
             raw["data"]["path"] = data
-    if protocol:
-        table = raw.setdefault("protocol", {})
-        if isinstance(table, dict):  # a malformed [protocol] is reported by parse
-            table.update(protocol)
+    for section, values in (overrides or {}).items():
+        table = raw.setdefault(section, {})
+        if isinstance(table, dict):  # a malformed section is reported by parse
+            table.update(values)
     return parse(raw, source=str(path))
 
 

@@ -46,7 +46,7 @@ def test_missing_spec_is_one_clear_line(tmp_path, capsys):
     assert "has no dataset.toml; name a spec (abd_ct, abd_mri, card_mri" in capsys.readouterr().err
 
 
-def test_run_folds_and_seeds_replace_those_of_the_config(tmp_path, monkeypatch, capsys):
+def test_run_folds_and_seeds_replace_those_of_the_config(tmp_path, monkeypatch):
     import pipelines.runner
 
     config = tmp_path / "c.toml"

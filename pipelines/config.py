@@ -100,6 +100,10 @@ class ProtocolConfig:
     # an augmented arm declared as the primary comparison before the run: its tests against the baseline and the
     # controls are adjusted on their own, and gate every other test (None: the best arm, chosen after the run)
     primary: str | None = None
+    # the gains in Dice points asked of the primary (or best) arm over the baseline and over each control: the
+    # report says whether each was met, and by how much it was missed (None: no target)
+    target_over_baseline: float | None = None
+    target_over_control: float | None = None
 
     def __post_init__(self) -> None:
         if self.score_on not in SCORE_ON:
@@ -120,6 +124,10 @@ class ProtocolConfig:
                                   f"expected values >= 0")
         for key in ("protocols", "folds", "classes", "seeds"):
             _no_repeats(f"[protocol] {key}", getattr(self, key) or ())
+        for key in ("target_over_baseline", "target_over_control"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value <= 100:
+                raise ConfigError(f"[protocol] {key} = {value}; it is a gain in Dice points, in [0, 100]")
 
 
 @dataclass(frozen=True)

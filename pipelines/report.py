@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipelines.config import ROLES  # noqa: E402
-from pipelines.stats import ALL, arm_roles, gap_closed, paired_tests, summarise  # noqa: E402
+from pipelines.stats import ALL, arm_roles, gap_closed, paired_tests, summarise, target_checks  # noqa: E402
 from segment.config import GRIDS, SCORE_ON  # noqa: E402
 from segment.data.volumes import DataError  # noqa: E402
 
@@ -176,6 +176,38 @@ def _ceiling_lines(ceiling: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _signed(points: float | None) -> str:
+    return "n/a" if points is None else f"{points:+.1f}"
+
+
+def _target_lines(targets: list[dict]) -> list[str]:
+    """Whether the primary arm reached the gains asked of it, how far it fell short, and the ceilings' own gains."""
+    if not targets:
+        return []
+    lines = ["## Targets", "", "The gains in Dice points over all classes asked of the primary arm ([protocol] "
+             "target_over_baseline, target_over_control). A target is met only by a claimed gain (adjusted p < 0.05, "
+             "CI above 0) of at least that size.", "",
+             "| protocol | model | arm | vs | asked | gain (95 % CI) | adjusted p | met |",
+             "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for t in targets:
+        if t["met"]:
+            met = "yes"
+        elif t["short_by"]:
+            met = f"no: {t['short_by']:.1f} short"
+        else:
+            met = f"no: the size holds, the gain is not claimed ({t['verdict']})"
+        ci = "n/a" if t["ci_low"] is None else f"[{_fmt(t['ci_low'])}, {_fmt(t['ci_high'])}]"
+        lines.append(f"| {t['protocol']} | {t['model']} | {t['arm']} | {t['vs']} | {_signed(t['target'])} | "
+                     f"{_signed(t['gain'])} {ci} | {_p(t['p_holm'])} | {met} |")
+        for ceiling, gain in t["ceiling_gain"].items():
+            above = (f"; the {_signed(t['target'])} asked lies above it, more than true labels gave"
+                     if gain < t["target"] else "")
+            notes.append(f"- {t['protocol']} {t['model']}: the ceiling arm {ceiling} gains {_signed(gain)} over "
+                         f"{t['vs']}{above}.")
+    return lines + [""] + notes + ([""] if notes else [])
+
+
 def _quality_table(quality: list[dict], filter_dice: float) -> list[str]:
     """Synthetic-pair quality per source and class, averaged over (fold, seed) units."""
     lines = [f"| source | class | mask consistency (Dice %) | pairs with Dice >= {filter_dice:g} | intensity histogram "
@@ -276,14 +308,17 @@ def json_safe(obj):
 
 def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict], notes: list[str],
                  rows: list[dict], context: dict, figures: dict[str, str], quality: list[dict],
-                 scoring: DiceScoring, filter_dice: float = 0.5, ceiling: list[dict] = ()) -> None:
+                 scoring: DiceScoring, filter_dice: float = 0.5, ceiling: list[dict] = (),
+                 targets: list[dict] = ()) -> None:
     """report.md + results.json in `out`; `figures` maps a caption to a PNG file name already in `out`;
-    `ceiling` holds the shares of the gap to the diagnostic arms (`stats.gap_closed`)."""
+    `ceiling` holds the shares of the gap to the diagnostic arms (`stats.gap_closed`), `targets` the checks of
+    the gains asked of the primary arm (`stats.target_checks`)."""
     protocols = list(dict.fromkeys(r["protocol"] for r in summary))
     has_post = any("mean_post" in r for r in summary)
     lines = [f"# {title}", "", scoring.line(has_post), "", "## Verdict", ""]
     lines += verdict_lines(tests) + [""] + (_unit_paragraph(tests) if tests else [])
     lines += _failed_units(context.get("failed_units", []))
+    lines += _target_lines(list(targets))
     lines += _ceiling_lines(list(ceiling))
     if notes:
         lines += ["## Arms not tested as augmented", ""] + [f"- {n}" for n in notes] + [""]
@@ -302,7 +337,8 @@ def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict
     lines += ["## Run", "", "```json", json.dumps(json_safe(context), indent=2, default=str), "```", ""]
     results = {"title": title, "dice_grid": scoring.grid, "postprocess": scoring.postprocess,
                "score_on": scoring.score_on, "quality_filter_dice": filter_dice,
-               "context": context, "summary": summary, "tests": tests, "ceiling": list(ceiling), "notes": notes,
+               "context": context, "summary": summary, "tests": tests, "ceiling": list(ceiling),
+               "targets": list(targets), "notes": notes,
                "quality": quality, "rows": rows}
     text = json.dumps(json_safe(results), indent=2, default=str, allow_nan=False)
     (out / "report.md").write_text("\n".join(lines))
@@ -311,11 +347,13 @@ def write_report(out: Path, *, title: str, summary: list[dict], tests: list[dict
 
 def build_report(out: Path, *, title: str, rows: list[dict], arms: list[str], context: dict, quality: list[dict],
                  scoring: DiceScoring, figures: dict[str, str], filter_dice: float, seed: int = 0,
-                 primary: str | None = None) -> None:
+                 primary: str | None = None, target_over_baseline: float | None = None,
+                 target_over_control: float | None = None) -> None:
     """Statistics, Dice charts and the report of `rows` in `out`; `figures` (already in `out`) follow the charts.
 
     `arms` gives the display order; `seed` seeds the bootstrap; `primary` is the arm declared as the primary
-    comparison before the run (`stats.paired_tests`).
+    comparison before the run (`stats.paired_tests`); the targets are the gains in Dice points asked of the
+    primary arm (`stats.target_checks`; None: none asked).
     """
     order = {a: i for i, a in enumerate(dict.fromkeys([*arms, *(r["arm"] for r in rows)]))}
     baseline = arm_roles(rows).baseline
@@ -329,8 +367,10 @@ def build_report(out: Path, *, title: str, rows: list[dict], arms: list[str], co
         charts[f"Dice per arm, model and class ({protocol})"] = name
     role = {r["arm"]: r["role"] for r in rows}
     ceiling = gap_closed([s | {"role": role[s["arm"]]} for s in summary])
+    targets = target_checks(tests, ceiling, over_baseline=target_over_baseline, over_control=target_over_control)
     write_report(out, title=title, summary=summary, tests=tests, notes=notes, rows=rows, context=context,
-                 figures=charts | figures, quality=quality, scoring=scoring, filter_dice=filter_dice, ceiling=ceiling)
+                 figures=charts | figures, quality=quality, scoring=scoring, filter_dice=filter_dice, ceiling=ceiling,
+                 targets=targets)
 
 
 def _no_constant(name: str):
@@ -392,7 +432,8 @@ def rebuild(results_path: Path, out: Path, *, seed: int = 0) -> Path:
         raise DataError(f"--out {out}: exists and is not a folder")
     context = results.get("context") or {}
     config_arms = [a.get("name") for a in (context.get("config") or {}).get("arms", []) if isinstance(a, dict)]
-    primary = ((context.get("config") or {}).get("protocol") or {}).get("primary")
+    protocol = (context.get("config") or {}).get("protocol") or {}
+    primary = protocol.get("primary")
     augmented = arm_roles(results["rows"]).augmented
     if primary is not None and primary not in augmented:
         raise DataError(f"{results_path}: the config's [protocol] primary = {primary!r} is not an augmented arm of "
@@ -406,5 +447,7 @@ def rebuild(results_path: Path, out: Path, *, seed: int = 0) -> Path:
                  quality=results.get("quality") or [], figures=figures, seed=seed,
                  scoring=DiceScoring(results["dice_grid"], results["postprocess"],
                                      results.get("score_on", "queries")),
-                 filter_dice=results.get("quality_filter_dice", 0.5), primary=primary)
+                 filter_dice=results.get("quality_filter_dice", 0.5), primary=primary,
+                 target_over_baseline=protocol.get("target_over_baseline"),
+                 target_over_control=protocol.get("target_over_control"))
     return out / "report.md"

@@ -324,3 +324,33 @@ def gap_closed(summary: list[dict]) -> list[dict]:
                             "ceiling": ceiling, "mean": mean[arm], "baseline_mean": mean[base[0]],
                             "ceiling_mean": mean[ceiling], "gap": gap, "share_of_gap_closed": share})
     return out
+
+
+def target_checks(tests: list[dict], ceiling: list[dict], *, over_baseline: float | None,
+                  over_control: float | None) -> list[dict]:
+    """Per (protocol, model), whether the primary arm (declared, or the best one) reached the gains asked of it
+    over the baseline and over each control, in Dice points, and by how much it fell short.
+
+    A target is met only by a claimed gain (`verdict` "gain": adjusted p < alpha, CI above 0) of at least the
+    asked size. `ceiling_gain` is what each diagnostic arm gains over the baseline (from `gap_closed`): a target
+    above it asks more of the method than true labels gave.
+    """
+    asked = {"baseline": over_baseline, "control": over_control}
+    out = []
+    for t in (t for t in tests if t["primary"] and t["class"] == ALL):
+        arm_tests = [u for u in tests if (u["protocol"], u["model"], u["arm"], u["class"]) ==
+                     (t["protocol"], t["model"], t["arm"], ALL)]
+        ceilings = {g["ceiling"]: 100 * g["gap"] for g in ceiling
+                    if (g["protocol"], g["model"], g["arm"]) == (t["protocol"], t["model"], t["arm"])}
+        for u in arm_tests:
+            target = asked.get(u["vs_role"])
+            if target is None:
+                continue
+            gain = None if u["mean_diff"] is None else 100 * u["mean_diff"]
+            met = u["verdict"] == "gain" and gain is not None and gain >= target
+            out.append({"protocol": u["protocol"], "model": u["model"], "arm": u["arm"], "vs": u["vs"],
+                        "vs_role": u["vs_role"], "target": target, "gain": gain, "ci_low": u["ci_low"],
+                        "ci_high": u["ci_high"], "p_holm": u["p_holm"], "verdict": u["verdict"], "met": met,
+                        "short_by": None if met or gain is None else max(target - gain, 0.0),
+                        "ceiling_gain": ceilings if u["vs_role"] == "baseline" else {}})
+    return out

@@ -136,6 +136,36 @@ def test_a_rebuilt_report_keeps_the_primary_arm_its_config_declared(results_file
     assert "EP1 prototype (primary, declared before the run): **ddpm**" in report and "picked after" not in report
 
 
+def test_the_report_says_whether_the_primary_arm_reached_its_targets_and_by_how_much_it_missed(tmp_path):
+    rows = (_rows("real-only", 0.0) + _rows("classical", 0.01) + _rows("ddpm", 0.03)
+            + [r | {"arm": "oracle", "role": "diagnostic"} for r in _rows("oracle", 0.02)])
+    out = tmp_path / "run"
+    out.mkdir()
+    build_report(out, title="t", rows=rows, arms=["real-only", "classical", "ddpm", "oracle"],
+                 context={"experiment": "t", "config": {"protocol": {"target_over_baseline": 5.0,
+                                                                     "target_over_control": 2.0}}},
+                 quality=[], scoring=DiceScoring("native", False), figures={}, filter_dice=0.5,
+                 target_over_baseline=5.0, target_over_control=2.0)
+    results = json.loads((out / "results.json").read_text())
+    checks = {t["vs"]: t for t in results["targets"]}
+    # ddpm gains 3.75 over real-only and 2.5 over classical on 6 units, too few for a claim; the oracle 2.5
+    assert checks["real-only"]["gain"] == pytest.approx(3.75) and checks["classical"]["gain"] == pytest.approx(2.5)
+    assert checks["real-only"]["short_by"] == pytest.approx(1.25) and checks["classical"]["short_by"] == 0.0
+    assert not checks["real-only"]["met"] and not checks["classical"]["met"]
+    report = (out / "report.md").read_text()
+    section = report[report.index("## Targets"):report.index("## Ceiling")]
+    assert "| EP1 | prototype | ddpm | real-only | +5.0 | +3.8 [" in section and "| no: 1.2 short |" in section
+    assert "| EP1 | prototype | ddpm | classical | +2.0 | +2.5 [" in section
+    assert "| no: the size holds, the gain is not claimed (no significant difference) |" in section
+    assert "the ceiling arm oracle gains +2.5 over real-only; the +5.0 asked lies above it" in section
+    rebuilt = tmp_path / "rebuilt"  # the targets come back from the config the results file recorded
+    assert main(["report", str(out / "results.json"), "--out", str(rebuilt)]) == 0
+    assert json.loads((rebuilt / "results.json").read_text())["targets"] == results["targets"]
+    untargeted = tmp_path / "none"
+    _build(untargeted, rows)
+    assert "## Targets" not in (untargeted / "report.md").read_text()
+
+
 def _drop(key: str):
     def edit(results: dict) -> None:
         del results[key]

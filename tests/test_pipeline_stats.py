@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pipelines.report import verdict_lines
-from pipelines.stats import ALL, arm_roles, bootstrap_ci, describe, holm, paired_tests, summarise
+from pipelines.stats import (ALL, arm_roles, bootstrap_ci, describe, gap_closed, holm, paired_tests, summarise,
+                             target_checks)
 
 
 ROLE = {"real-only": "baseline", "classical": "control"}  # the role of the test arms named so; others: augmented
@@ -204,3 +205,27 @@ def test_summary_means_over_units_and_carries_post_processed_dice():
     assert table["all"]["mean"] == pytest.approx(((0.3 + 0.6) / 2 + (0.5 + 0.9) / 2) / 2)
     assert table["all"]["mean_post"] == pytest.approx(table["all"]["mean"] + 0.1)
     assert "mean_post" not in summarise([{k: v for k, v in r.items() if k != "dice_post"} for r in rows])[0]
+
+
+def test_a_target_is_met_only_by_a_claimed_gain_of_the_asked_size_and_a_miss_says_by_how_much():
+    # 4 folds x 2 queries, every difference positive (Holm p = 2 x 1 / 128 in the primary family of two):
+    # ddpm gains 2-5.5 points over real-only, 3.75 on average, and 2.75 over classical
+    kw = {"folds": (0, 1, 2, 3), "classes": ("x",), "seeds": (0,)}
+    gain = (lambda c, f, s, q: 0.02 + 0.01 * f + 0.005 * q)
+    rows = (_rows("real-only", lambda *a: 0.0, **kw) + _rows("classical", lambda *a: 0.01, **kw)
+            + _rows("ddpm", gain, **kw) + _rows("oracle", lambda *a: 0.03, role="diagnostic", **kw))
+    tests, _ = paired_tests(rows, primary="ddpm")
+    ceiling = gap_closed([s | {"role": "diagnostic" if s["arm"] == "oracle" else ROLE.get(s["arm"], "augmented")}
+                          for s in summarise(rows)])
+    checks = {c["vs"]: c for c in target_checks(tests, ceiling, over_baseline=3.5, over_control=3.0)}
+    assert set(checks) == {"real-only", "classical"}  # the primary arm's comparisons only
+    base, control = checks["real-only"], checks["classical"]
+    assert base["gain"] == pytest.approx(3.75) and base["met"] and base["short_by"] is None
+    assert control["verdict"] == "gain" and control["gain"] == pytest.approx(2.75) and not control["met"]
+    assert control["short_by"] == pytest.approx(0.25)
+    assert base["ceiling_gain"] == {"oracle": pytest.approx(3.0)} and control["ceiling_gain"] == {}
+    assert target_checks(tests, ceiling, over_baseline=None, over_control=None) == []
+    mixed = (lambda c, f, s, q: (-1) ** (f + q) * 0.05 + 0.015)  # +1.5 on average, half the units lost: no claim
+    shaky, _ = paired_tests(_rows("real-only", lambda *a: 0.0, **kw) + _rows("gan", mixed, **kw), primary="gan")
+    (check,) = target_checks(shaky, [], over_baseline=1.0, over_control=None)
+    assert check["gain"] > 1.0 and check["verdict"] != "gain" and not check["met"] and check["short_by"] == 0.0

@@ -123,7 +123,7 @@ class Report(Stage):
     have no rows: results.json lists them; nothing is averaged over them."""
 
     name: ClassVar[str] = "report"
-    version: ClassVar[str] = "7"
+    version: ClassVar[str] = "8"
     experiment: str
     config: dict[str, Any]  # the resolved config, recorded in the report's context
     data: PreparedData
@@ -176,7 +176,9 @@ class Report(Stage):
                             arms=list(self.arms), context=context, quality=quality, figures=figures,
                             scoring=dice_scoring(self.rows, self.evals, self.postprocess,
                                                  self.config["protocol"]["score_on"]),
-                            filter_dice=self.filter_dice, primary=self.config["protocol"].get("primary"))
+                            filter_dice=self.filter_dice, primary=self.config["protocol"].get("primary"),
+                            target_over_baseline=self.config["protocol"].get("target_over_baseline"),
+                            target_over_control=self.config["protocol"].get("target_over_control"))
 
 
 def publish(report_dir: Path, out: Path) -> None:

@@ -438,6 +438,12 @@ def rebuild(results_path: Path, out: Path, *, seed: int = 0) -> Path:
     if primary is not None and primary not in augmented:
         raise DataError(f"{results_path}: the config's [protocol] primary = {primary!r} is not an augmented arm of "
                         f"its rows; augmented arms: {sorted(augmented)}")
+    for key in ("target_over_baseline", "target_over_control"):
+        value = protocol.get(key)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if value is not None and not (number and 0 <= value <= 100):
+            raise DataError(f"{results_path}: the config's [protocol] {key} = {value!r} is not a gain in Dice "
+                            f"points in [0, 100]")
     out.mkdir(parents=True, exist_ok=True)
     figures = {figure_caption(f.name): f.name for pattern in ("overlays_*.png", "pairs_*.png")
                for f in sorted(out.glob(pattern))}

@@ -200,6 +200,10 @@ BAD = {  # case -> (edit of the parsed file or of its text, what the one-line er
     "primary not augmented": (lambda r: r["context"].update(config={"protocol": {"primary": "classical"}}),
                               "the config's [protocol] primary = 'classical' is not an augmented arm of its rows; "
                               "augmented arms: ['ddpm']"),
+    "target as text": (lambda r: r["context"].update(config={"protocol": {"target_over_baseline": "3"}}),
+                       "the config's [protocol] target_over_baseline = '3' is not a gain in Dice points in [0, 100]"),
+    "negative target": (lambda r: r["context"].update(config={"protocol": {"target_over_control": -2}}),
+                        "the config's [protocol] target_over_control = -2 is not a gain in Dice points in [0, 100]"),
 }
 
 

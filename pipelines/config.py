@@ -85,6 +85,11 @@ class DataConfig:
             raise ConfigError(f"[data] phantom_seed = {self.phantom_seed}; it must be >= 0")
 
 
+def is_dice_gain(value: Any) -> bool:
+    """A target gain: a number of Dice points in [0, 100] (NaN and booleans are not)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 100
+
+
 @dataclass(frozen=True)
 class ProtocolConfig:
     setting: int = 1
@@ -126,7 +131,7 @@ class ProtocolConfig:
             _no_repeats(f"[protocol] {key}", getattr(self, key) or ())
         for key in ("target_over_baseline", "target_over_control"):
             value = getattr(self, key)
-            if value is not None and not 0 <= value <= 100:
+            if value is not None and not is_dice_gain(value):
                 raise ConfigError(f"[protocol] {key} = {value}; it is a gain in Dice points, in [0, 100]")
 
 

@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipelines.config import ROLES  # noqa: E402
+from pipelines.config import ROLES, is_dice_gain  # noqa: E402
 from pipelines.stats import ALL, arm_roles, gap_closed, paired_tests, summarise, target_checks  # noqa: E402
 from segment.config import GRIDS, SCORE_ON  # noqa: E402
 from segment.data.volumes import DataError  # noqa: E402
@@ -440,8 +440,7 @@ def rebuild(results_path: Path, out: Path, *, seed: int = 0) -> Path:
                         f"its rows; augmented arms: {sorted(augmented)}")
     for key in ("target_over_baseline", "target_over_control"):
         value = protocol.get(key)
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if value is not None and not (number and 0 <= value <= 100):
+        if value is not None and not is_dice_gain(value):
             raise DataError(f"{results_path}: the config's [protocol] {key} = {value!r} is not a gain in Dice "
                             f"points in [0, 100]")
     out.mkdir(parents=True, exist_ok=True)
